@@ -1,0 +1,219 @@
+"""Typed configuration: defaults in code → optional YAML recipe → ``--key value`` overrides.
+
+Each entry point owns one dataclass tree (nested dataclasses for sections). This module only knows how to
+fill such a tree, check names and types, and save the result; it holds no defaults of its own.
+
+    cfg = resolve(TrainConfig, yaml_path="recipes/demo.yaml", overrides=["--optim.lr", "1e-3", "--epochs=3"])
+    save_yaml(cfg, run_dir / "config.yaml")
+
+Keys are dotted paths into the tree (``optim.lr``); a top-level field may also be given bare. ``-`` and
+``_`` are interchangeable in keys (``--batch-size`` == ``--batch_size``). Unknown keys and values of the
+wrong type raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to type ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, a, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot use {value!r}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+        inner = args[0] if args else Any
+        out = [_coerce(f"{key}[{i}]", inner, v) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if not f.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return _apply_mapping(tp(), value, prefix=f"{key}.")
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def _norm(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _apply_mapping(cfg: Any, mapping: dict[str, Any], prefix: str = "") -> Any:
+    """Return a copy of dataclass ``cfg`` with nested ``mapping`` applied."""
+    types_ = _field_types(type(cfg))
+    changes = {}
+    for raw_key, value in mapping.items():
+        key = _norm(str(raw_key))
+        if key not in types_:
+            raise ConfigError(f"{prefix}{raw_key}: unknown key (known: {', '.join(sorted(types_))})")
+        tp = types_[key]
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[key] = _apply_mapping(current, value, prefix=f"{prefix}{key}.")
+        else:
+            changes[key] = _coerce(f"{prefix}{key}", tp, value)
+    return dataclasses.replace(cfg, **changes)
+
+
+def set_key(cfg: Any, dotted: str, value: Any) -> Any:
+    """Return a copy of ``cfg`` with one dotted key set (value may be a string from the command line)."""
+    parts = [_norm(p) for p in dotted.split(".")]
+    nested: Any = value
+    for p in reversed(parts[1:]):
+        nested = {p: nested}
+    return _apply_mapping(cfg, {parts[0]: nested})
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """``["--a.b", "1", "--c=2", "--flag"]`` → ``[("a.b","1"), ("c","2"), ("flag","true")]``."""
+    out: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ConfigError(f"{tok}: expected --key value")
+        body = tok[2:]
+        if "=" in body:
+            k, v = body.split("=", 1)
+            i += 1
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            k, v = body, args[i + 1]
+            i += 2
+        else:
+            k, v = body, "true"
+            i += 1
+        out.append((k, v))
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read recipe ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a recipe must be a mapping of keys to values")
+    return data
+
+
+def resolve(cls: type[T], yaml_path: str | Path | None = None, overrides: list[str] | None = None,
+            base: T | None = None) -> T:
+    """Defaults of ``cls`` (or ``base``) → YAML recipe → ``--key value`` overrides."""
+    cfg = base if base is not None else cls()
+    if yaml_path:
+        cfg = _apply_mapping(cfg, load_yaml(yaml_path))
+    for key, value in parse_overrides(list(overrides or [])):
+        cfg = set_key(cfg, key, value)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON."""
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    return conv(cfg)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a config from :func:`to_dict` output (e.g. a saved ``config.yaml``)."""
+    return _apply_mapping(cls(), data)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config (atomically)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(p)

@@ -1,0 +1,149 @@
+"""Intensity statistics, intensity normalization and the invertible resize to training size.
+
+Shared by preprocessing (which stores ``intensity_stats`` per case), training and prediction, so a model
+sees exactly the same numbers at training and at prediction time. Everything here is vectorized numpy/OpenCV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+CT_BODY_HU = -500.0          # CT voxels above this are "body" for statistics
+MR_BODY_FRACTION = 0.10      # MR voxels above this fraction of the 99th percentile are "body"
+
+
+def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
+    """Boolean mask of voxels inside the body (excludes air), used for statistics only."""
+    img = np.asarray(image, dtype=np.float32)
+    if modality.upper() == "CT":
+        return img > CT_BODY_HU
+    hi = float(np.percentile(img, 99.0)) if img.size else 0.0
+    return img > MR_BODY_FRACTION * hi
+
+
+def intensity_stats(image: np.ndarray, modality: str) -> dict[str, float]:
+    """Percentiles, mean and std inside the body (mean/std of values clipped to [p0.5, p99.5])."""
+    img = np.asarray(image, dtype=np.float32)
+    body = img[body_mask(img, modality)]
+    if body.size < 16:
+        body = img.ravel()
+    p = np.percentile(body, [0.5, 1, 50, 99, 99.5])
+    clipped = np.clip(body, p[0], p[4])
+    return {
+        "p0_5": float(p[0]), "p1": float(p[1]), "p50": float(p[2]), "p99": float(p[3]), "p99_5": float(p[4]),
+        "mean": float(clipped.mean()), "std": float(clipped.std()),
+        "min": float(img.min()), "max": float(img.max()), "body_fraction": float(body.size / max(img.size, 1)),
+    }
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    """How intensities become network inputs. Saved with an exported model."""
+
+    mr: str = "zscore"            # MR: clip to [p_low, p_high] then z-score inside the body
+    ct_window: tuple[float, float] = (-150.0, 250.0)  # CT: HU window mapped to [-1, 1]
+    p_low: str = "p0_5"
+    p_high: str = "p99_5"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ct_window"] = list(self.ct_window)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NormConfig":
+        d = dict(d)
+        if "ct_window" in d:
+            d["ct_window"] = tuple(float(x) for x in d["ct_window"])
+        return cls(**d)
+
+
+def normalize(image: np.ndarray, stats: dict[str, float], modality: str, cfg: NormConfig = NormConfig()) -> np.ndarray:
+    """Scanner values → float32 network input (works on a slice or a volume)."""
+    img = np.asarray(image, dtype=np.float32)
+    if modality.upper() == "CT":
+        lo, hi = cfg.ct_window
+        out = (np.clip(img, lo, hi) - (lo + hi) / 2.0) / ((hi - lo) / 2.0)
+        return out.astype(np.float32, copy=False)
+    lo, hi = stats[cfg.p_low], stats[cfg.p_high]
+    std = max(float(stats["std"]), 1e-6)
+    return ((np.clip(img, lo, hi) - stats["mean"]) / std).astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class ResizeMapping:
+    """Pad a (H, W) slice to a centred square, then resize to ``size``; exactly invertible in geometry.
+
+    ``forward`` takes the original slice to the training grid; ``inverse`` takes a map on the training grid
+    (probabilities or labels) back to the original (H, W).
+    """
+
+    height: int
+    width: int
+    size: int
+
+    @property
+    def side(self) -> int:
+        return max(self.height, self.width)
+
+    @property
+    def pad(self) -> tuple[int, int]:
+        """(top, left) padding added before resizing."""
+        return (self.side - self.height) // 2, (self.side - self.width) // 2
+
+    def forward(self, arr: np.ndarray, is_mask: bool = False, fill: float = 0.0) -> np.ndarray:
+        """(H, W) or (C, H, W) → (size, size) or (C, size, size)."""
+        if arr.ndim == 3:
+            return np.stack([self.forward(a, is_mask, fill) for a in arr])
+        top, left = self.pad
+        if self.side != self.height or self.side != self.width:
+            arr = cv2.copyMakeBorder(
+                arr, top, self.side - self.height - top, left, self.side - self.width - left,
+                cv2.BORDER_CONSTANT, value=fill,
+            )
+        if self.side == self.size:
+            return np.ascontiguousarray(arr)
+        interp = cv2.INTER_NEAREST if is_mask else cv2.INTER_AREA if self.side > self.size else cv2.INTER_LINEAR
+        return cv2.resize(arr, (self.size, self.size), interpolation=interp)
+
+    def inverse(self, arr: np.ndarray, is_mask: bool = False) -> np.ndarray:
+        """(size, size) or (C, size, size) on the training grid → original (H, W) or (C, H, W)."""
+        if arr.ndim == 3:
+            return np.stack([self.inverse(a, is_mask) for a in arr])
+        if self.side != self.size:
+            interp = cv2.INTER_NEAREST if is_mask else cv2.INTER_LINEAR
+            arr = cv2.resize(arr, (self.side, self.side), interpolation=interp)
+        top, left = self.pad
+        return np.ascontiguousarray(arr[top:top + self.height, left:left + self.width])
+
+    def to_dict(self) -> dict[str, int]:
+        return {"height": self.height, "width": self.width, "size": self.size}
+
+
+def prepare_volume(
+    image: np.ndarray, stats: dict[str, float], modality: str, size: int, cfg: NormConfig = NormConfig()
+) -> tuple[np.ndarray, ResizeMapping]:
+    """Scanner volume (Z, H, W) → network inputs (Z, size, size) float32, and the mapping back.
+
+    The one path from stored/decoded voxels to model inputs, used by training and prediction alike:
+    normalize, then pad (with the normalized value of the darkest voxel) and resize.
+    """
+    vol = normalize(image, stats, modality, cfg)
+    mapping = ResizeMapping(int(vol.shape[1]), int(vol.shape[2]), int(size))
+    fill = float(vol.min()) if vol.size else 0.0
+    out = np.empty((vol.shape[0], size, size), dtype=np.float32)
+    for z in range(vol.shape[0]):
+        out[z] = mapping.forward(vol[z], fill=fill)
+    return out, mapping
+
+
+def prepare_mask(mask: np.ndarray, mapping: ResizeMapping) -> np.ndarray:
+    """Label volume (Z, H, W) uint8 → (Z, size, size) uint8 on the training grid (nearest neighbour)."""
+    out = np.empty((mask.shape[0], mapping.size, mapping.size), dtype=np.uint8)
+    for z in range(mask.shape[0]):
+        out[z] = mapping.forward(mask[z], is_mask=True)
+    return out
