@@ -1,0 +1,118 @@
+"""Patient-level train/val split: a seeded fraction, k-fold, or a user's JSON file.
+
+A patient's cases (all sequences) always land in the same side; unlabeled (Test_Sets) cases are never
+split. The assignment depends only on the sorted patient ids and the seed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UsageError
+from .layout import natural_key
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """How labeled patients are divided into train and val."""
+
+    seed: int = 0
+    val_fraction: float = 0.2
+    folds: int | None = None
+    fold: int | None = None
+    split_file: str | None = None
+
+    def method(self) -> str:
+        """A short description stored with the split."""
+        if self.split_file:
+            return f"file:{Path(self.split_file).name}"
+        if self.folds:
+            return f"kfold:{self.folds}:{self.fold}"
+        return f"fraction:{self.val_fraction:g}"
+
+
+def validate(cfg: SplitConfig) -> None:
+    """Reject contradictory or out-of-range options (exit 2)."""
+    if cfg.split_file and cfg.folds:
+        raise UsageError("--split-file and --folds are mutually exclusive")
+    if cfg.folds is not None or cfg.fold is not None:
+        if cfg.folds is None or cfg.fold is None:
+            raise UsageError("--folds K needs --fold I (and vice versa)")
+        if cfg.folds < 2:
+            raise UsageError(f"--folds {cfg.folds}: need at least 2 folds")
+        if not 0 <= cfg.fold < cfg.folds:
+            raise UsageError(f"--fold {cfg.fold}: must be in 0..{cfg.folds - 1}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction {cfg.val_fraction}: must be in [0, 1)")
+
+
+def split_patients(patients: list[str], cfg: SplitConfig) -> tuple[list[str], list[str]]:
+    """(train patients, val patients), each naturally sorted."""
+    validate(cfg)
+    patients = sorted(set(patients), key=natural_key)
+    if cfg.split_file:
+        train, val = read_split_file(Path(cfg.split_file), patients)
+    else:
+        order = [patients[i] for i in np.random.default_rng(cfg.seed).permutation(len(patients))]
+        if cfg.folds:
+            if cfg.folds > len(patients):
+                raise UsageError(f"--folds {cfg.folds}: only {len(patients)} labeled patients")
+            val = list(np.array_split(np.array(order, dtype=object), cfg.folds)[cfg.fold])
+        else:
+            val = order[:val_count(len(patients), cfg.val_fraction)]
+        train = [p for p in patients if p not in set(val)]
+    return sorted(train, key=natural_key), sorted(val, key=natural_key)
+
+
+def val_count(n: int, fraction: float) -> int:
+    """Number of val patients: round(n·f), at least one (and one train patient left) when f > 0."""
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(max(int(round(n * fraction)), 1), n - 1)
+
+
+def read_split_file(path: Path, patients: list[str]) -> tuple[list[str], list[str]]:
+    """``{"train": [patient ids], "val": [...]}``; every labeled patient must appear exactly once."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read split file ({e.strerror})") from None
+    except ValueError as e:
+        raise UsageError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("train", "val")):
+        raise UsageError(f'{path}: expected {{"train": [patient ids], "val": [patient ids]}}')
+    train, val = [str(p) for p in data["train"]], [str(p) for p in data["val"]]
+    both = sorted(set(train) & set(val), key=natural_key)
+    if both:
+        raise UsageError(f"{path}: patients in both train and val: {', '.join(both)}")
+    unknown = sorted(set(train + val) - set(patients), key=natural_key)
+    if unknown:
+        raise UsageError(f"{path}: unknown patients: {', '.join(unknown)} (have: {', '.join(patients)})")
+    missing = [p for p in patients if p not in set(train + val)]
+    if missing:
+        raise UsageError(f"{path}: patients in neither train nor val: {', '.join(missing)}")
+    return train, val
+
+
+def build_split(cases: dict[str, dict[str, Any]], patients: list[str], cfg: SplitConfig) -> dict[str, Any]:
+    """The split stored in the root: case ids per side, plus patients, seed and method.
+
+    ``cases`` maps case id → attributes with ``patient`` and ``labeled``; ``patients`` are all labeled
+    patients found (so a failed case does not shift the others' assignment).
+    """
+    train_p, val_p = split_patients(patients, cfg)
+    side = {p: "train" for p in train_p} | {p: "val" for p in val_p}
+    out: dict[str, Any] = {"train": [], "val": [], "unlabeled": []}
+    for cid in sorted(cases, key=natural_key):
+        info = cases[cid]
+        if not info.get("labeled"):
+            out["unlabeled"].append(cid)
+        elif str(info.get("patient")) in side:
+            out[side[str(info["patient"])]].append(cid)
+    out.update(seed=cfg.seed, method=cfg.method(), patients={"train": train_p, "val": val_p})
+    return out
