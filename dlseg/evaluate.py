@@ -1,0 +1,428 @@
+"""``python -m dlseg.evaluate --pred OUT_DIR --truth PATH``: score prediction folders with the CHAOS metrics.
+
+Predictions (written by ``dlseg/predict.py``): ``OUT_DIR/<case_id>/`` holds one PNG per slice whose names sort
+lexicographically in slice order (the CHAOS submission format; read like the official ``png_series_reader``:
+every ``*.png`` of the folder, sorted, as 8-bit grayscale), optional ``sources.json`` (PNG → source file) and
+``record.json`` (``slices``, ...), checked against the PNG count when present. A folder without PNGs is read
+from ``prediction.npz`` (key ``mask``, liver = 1) instead.
+
+Truth: a dlseg Zarr store (liver = mask value 1, spacing from the store) or a CHAOS tree (Ground PNGs through
+``preprocess.masks``, geometry from the DICOM headers exactly as the official code uses it: PixelSpacing and
+the mean slice step ``|T_last - T_first| / (N - 1)`` of the files in name order).
+
+Every truth case is scored; a truth case without a usable prediction (missing, unreadable, wrong shape) fails
+alone with a one-line reason. Outputs: a per-case CSV (default ``OUT_DIR/evaluation.csv``) and a summary JSON
+next to it (``evaluation.summary.json``), both written atomically; a summary table (mean, std, median) on the
+console. Exit status 0 all cases scored, 1 some failed, 2 unusable arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import cv2
+import numpy as np
+from rich.markup import escape
+from rich.table import Table
+
+from dlseg.console import console, err_console, make_progress
+from dlseg.metrics import case_metrics
+from dlseg.store import Store, StoreError
+from preprocess.errors import CaseError, Failure, UsageError, one_line
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+LIVER = 1  # liver label in the store and in prediction.npz
+#: CSV column → key of :func:`dlseg.metrics.case_metrics` (CHAOS metrics first).
+COLUMNS = {
+    "Dice": "dice", "RAVD": "ravd", "ASSD": "assd", "MSSD": "mssd", "HD95": "hd95", "IoU": "iou",
+    "voxels_pred": "voxels_pred", "voxels_truth": "voxels_truth", "TP": "tp", "FP": "fp", "FN": "fn",
+}
+SUMMARY_METRICS = ("Dice", "RAVD", "ASSD", "MSSD", "HD95", "IoU")
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run."""
+
+    pred: str
+    truth: str
+    csv: str | None = None              # default OUT_DIR/evaluation.csv
+    label_value: int | None = 63        # PNG gray value of the liver; None: any nonzero pixel
+    split: str | None = None            # store truth: train | val | unlabeled | all (default: all labeled)
+    modality: str = "all"               # CHAOS-tree truth: ct | t1-in | t1-out | t2 | all
+    workers: int = 1
+
+    @property
+    def csv_path(self) -> Path:
+        return Path(self.csv) if self.csv else Path(self.pred) / "evaluation.csv"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.csv_path.with_suffix(".summary.json")
+
+
+# ------------------------------------------------------------------------------------------- predictions
+def read_png_mask(path: Path, label_value: int | None) -> np.ndarray:
+    """One prediction PNG as a boolean (H, W) mask (gray == label_value, or any nonzero)."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise CaseError(path, "cannot read PNG (missing, truncated or not a PNG)")
+    return img != 0 if label_value is None else img == label_value
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, None when absent; CaseError when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CaseError(path, f"unreadable JSON ({one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise CaseError(path, "expected a JSON object")
+    return data
+
+
+def read_prediction(case_dir: Path, label_value: int | None) -> np.ndarray:
+    """A case's predicted liver as a boolean (Z, H, W) volume, from its PNGs (else prediction.npz)."""
+    if not case_dir.is_dir():
+        raise CaseError(case_dir, "no prediction for this case")
+    pngs = sorted(case_dir.glob("*.png"), key=lambda p: p.name)
+    if not pngs:
+        return read_npz_mask(case_dir / "prediction.npz", case_dir)
+    check_slice_count(case_dir, len(pngs))
+    first = read_png_mask(pngs[0], label_value)
+    volume = np.empty((len(pngs),) + first.shape, dtype=bool)
+    volume[0] = first
+    for k, path in enumerate(pngs[1:], start=1):
+        sl = read_png_mask(path, label_value)
+        if sl.shape != first.shape:
+            raise CaseError(path, f"PNG is {sl.shape[0]}x{sl.shape[1]} but {pngs[0].name} is "
+                                  f"{first.shape[0]}x{first.shape[1]}")
+        volume[k] = sl
+    return volume
+
+
+def check_slice_count(case_dir: Path, n_png: int) -> None:
+    """The PNG count agrees with record.json ``slices`` and sources.json, when those exist."""
+    record = read_json(case_dir / "record.json")
+    if record is not None and "slices" in record and int(record["slices"]) != n_png:
+        raise CaseError(case_dir, f"{n_png} PNGs but record.json says {record['slices']} slices")
+    sources = read_json(case_dir / "sources.json")
+    if sources is not None and len(sources) != n_png:
+        raise CaseError(case_dir, f"{n_png} PNGs but sources.json maps {len(sources)}")
+
+
+def read_npz_mask(path: Path, case_dir: Path) -> np.ndarray:
+    """Liver (== 1) of ``prediction.npz`` key ``mask`` (Z, H, W), loaded without pickle."""
+    if not path.is_file():
+        raise CaseError(case_dir, "no prediction PNGs and no prediction.npz")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            mask = data["mask"]
+    except KeyError:
+        raise CaseError(path, "no array named 'mask'") from None
+    except Exception as e:  # zipfile/numpy raise many types for damaged files
+        raise CaseError(path, f"unreadable npz ({one_line(e)})") from None
+    if mask.ndim != 3:
+        raise CaseError(path, f"mask has shape {mask.shape}; expected (Z, H, W)")
+    return mask == LIVER
+
+
+def prediction_cases(pred_dir: Path) -> list[str]:
+    """Case folders of a prediction directory (those holding a record.json, PNGs or prediction.npz)."""
+    out = []
+    for d in sorted(p for p in pred_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (d / "record.json").is_file() or (d / "prediction.npz").is_file() or any(d.glob("*.png")):
+            out.append(d.name)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- truth
+@dataclass
+class TruthSpec:
+    """Where the ground truth lives and which cases of it to score (picklable for worker processes)."""
+
+    path: str
+    kind: str                                   # store | chaos
+    split: str | None = None
+    modality: str = "all"
+
+
+def truth_kind(path: Path) -> str:
+    """``store`` for a Zarr store, ``chaos`` for anything else (a CHAOS tree)."""
+    return "store" if (path / "zarr.json").is_file() else "chaos"
+
+
+def open_truth(spec: TruthSpec) -> tuple[list[tuple[str, Any]], list[Failure]]:
+    """Labeled truth cases as (case id, CHAOS CaseSource or None for the store), and unusable truth cases.
+
+    Raises UsageError/StoreError when the truth cannot be used at all.
+    """
+    if spec.kind == "store":
+        store = open_store(spec.path)
+        ids = store.split_cases(spec.split or "all")
+        return [(c, None) for c in ids if store.info(c).labeled], []
+    if spec.split is not None:
+        raise UsageError(f"--split {spec.split}: only a Zarr store truth has splits ({spec.path} is a CHAOS tree)")
+    from preprocess.layout import discover
+
+    cases, failures = discover(spec.path, modality=spec.modality, labels="liver")
+    return [(c.case_id, c) for c in cases if c.labeled], failures
+
+
+@lru_cache(maxsize=4)
+def open_store(path: str) -> Store:
+    """A Store, opened once per process."""
+    return Store(path)
+
+
+def load_truth(spec: TruthSpec, case_id: str, source: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A truth case's liver (Z, H, W) bool and spacing (z, y, x) in mm."""
+    if spec.kind == "store":
+        store = open_store(spec.path)
+        _, mask = store.read_case(case_id, mask=True)
+        return mask == LIVER, store.info(case_id).spacing
+    from preprocess.masks import read_masks
+
+    mask = read_masks(source.mask_files, source.modality, "liver") == LIVER
+    return mask, official_spacing(source.image_files)
+
+
+def official_spacing(files: Sequence[Path]) -> tuple[float, float, float]:
+    """(z, y, x) mm as the official CHAOS code derives it: PixelSpacing and |T_last - T_first| / (N - 1)."""
+    from preprocess.dicom import header_meta, read_dataset
+
+    first = header_meta(read_dataset(Path(files[0])))
+    if not first["pixel_spacing"]:
+        raise CaseError(files[0], "no PixelSpacing: cannot convert surface distances to mm")
+    dy, dx = first["pixel_spacing"]
+    if len(files) == 1:
+        return (1.0, float(dy), float(dx))  # one slice: every surface voxel is in it, z spacing never enters
+    last = header_meta(read_dataset(Path(files[-1])))
+    if first["position"] is None or last["position"] is None:
+        raise CaseError(files[0], "no ImagePositionPatient: cannot derive the slice step")
+    dz = float(np.linalg.norm(np.subtract(last["position"], first["position"]))) / (len(files) - 1)
+    if dz <= 0:
+        raise CaseError(files[-1], "first and last slice have the same position")
+    return (dz, float(dy), float(dx))
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+@dataclass
+class CaseJob:
+    """Everything a worker needs to score one case."""
+
+    case_id: str
+    pred_dir: str
+    truth: TruthSpec
+    source: Any                         # CHAOS CaseSource (files of the case), None for a store truth
+    label_value: int | None
+
+
+def score_case(job: CaseJob) -> dict[str, Any] | Failure:
+    """One case's CSV row, or its Failure (never raises for bad input)."""
+    case_dir = Path(job.pred_dir) / job.case_id
+    try:
+        pred = read_prediction(case_dir, job.label_value)
+        truth, spacing = load_truth(job.truth, job.case_id, job.source)
+        if pred.shape != truth.shape:
+            raise CaseError(case_dir, f"prediction is {shape_text(pred.shape)} but the truth is {shape_text(truth.shape)}")
+        m = case_metrics(pred, truth, spacing)
+    except CaseError as e:
+        return Failure(job.case_id, e.path, e.reason)
+    except StoreError as e:
+        return Failure(job.case_id, job.truth.path, one_line(e))
+    row: dict[str, Any] = {"case": job.case_id}
+    row.update({col: m[key] for col, key in COLUMNS.items()})
+    return row
+
+
+def shape_text(shape: Sequence[int]) -> str:
+    """``78x512x512``."""
+    return "x".join(map(str, shape))
+
+
+def run_jobs(jobs: list[CaseJob], workers: int) -> Iterator[dict[str, Any] | Failure]:
+    """Score jobs in order, in this process or a process pool."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(score_case, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(score_case, jobs)
+
+
+def evaluate_folder(
+    pred_dir: str | os.PathLike, truth: str | os.PathLike, label_value: int | None = 63,
+    split: str | None = None, modality: str = "all", workers: int = 1, progress: bool = False,
+) -> tuple[list[dict[str, Any]], list[Failure]]:
+    """Score every labeled truth case against ``pred_dir/<case_id>/``: (CSV rows, failures).
+
+    Raises UsageError/StoreError when the truth or the prediction folder cannot be used at all.
+    """
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise UsageError(f"{pred_dir}: no such prediction folder")
+    spec = TruthSpec(str(truth), truth_kind(Path(truth)), split, modality)
+    cases, failures = open_truth(spec)
+    if not cases and not failures:
+        raise UsageError(f"{truth}: no labeled cases to score")
+    jobs = [CaseJob(c, str(pred_dir), spec, source, label_value) for c, source in cases]
+    rows: list[dict[str, Any]] = []
+    with make_progress("cases", disable=not progress) as bar:
+        task = bar.add_task("evaluate", total=len(jobs), info="")
+        for result in run_jobs(jobs, workers):
+            (failures if isinstance(result, Failure) else rows).append(result)
+            bar.update(task, advance=1, info=result.case_id if isinstance(result, Failure) else result["case"])
+    return rows, failures
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | int | None]]:
+    """Mean, std (population), median and count over the finite values of each metric."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    for col in SUMMARY_METRICS:
+        values = np.array([r[col] for r in rows], dtype=float)
+        finite = values[np.isfinite(values)]
+        stats = (float(finite.mean()), float(finite.std()), float(np.median(finite))) if finite.size else (None,) * 3
+        out[col] = {"mean": stats[0], "std": stats[1], "median": stats[2], "n": int(finite.size)}
+    return out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary name next to path, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """Per-case CSV: case, Dice, RAVD, ASSD, MSSD, HD95, IoU, voxel and confusion counts."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["case", *COLUMNS], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def json_safe(value: Any) -> Any:
+    """Non-finite floats → None, so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def summary_document(cfg: EvalConfig, rows: list[dict[str, Any]], failures: list[Failure],
+                     unmatched: list[str]) -> dict[str, Any]:
+    """Everything summary.json holds."""
+    return json_safe({
+        "pred": str(cfg.pred), "truth": str(cfg.truth), "label_value": cfg.label_value,
+        "cases": len(rows) + len(failures), "scored": len(rows), "failed": len(failures),
+        "metrics": summarize(rows),
+        "failures": [{"case": f.case_id, "path": f.path, "reason": f.reason} for f in failures],
+        "predictions_without_truth": unmatched,
+        "per_case": rows,
+    })
+
+
+def fmt(value: float | int | None) -> str:
+    """Table cell text."""
+    return "-" if value is None else f"{value:.3f}"
+
+
+def print_summary(doc: dict[str, Any], cfg: EvalConfig) -> None:
+    """Rich table of mean/std/median per metric, then failures, one line each."""
+    table = Table(title=f"CHAOS evaluation: {doc['scored']}/{doc['cases']} cases scored")
+    for name in ("metric", "mean", "std", "median", "n"):
+        table.add_column(name, justify="left" if name == "metric" else "right")
+    units = {"RAVD": " (%)", "ASSD": " (mm)", "MSSD": " (mm)", "HD95": " (mm)"}
+    for col, s in doc["metrics"].items():
+        table.add_row(col + units.get(col, ""), fmt(s["mean"]), fmt(s["std"]), fmt(s["median"]), str(s["n"]))
+    console.print(table)
+    console.print(f"per-case CSV: {escape(str(cfg.csv_path))}   summary: {escape(str(cfg.summary_path))}")
+    if doc["predictions_without_truth"]:
+        console.print(f"{len(doc['predictions_without_truth'])} prediction folder(s) have no ground truth here "
+                      "and were not scored")
+    for f in doc["failures"]:
+        err_console.print(f"[red]failed[/] {escape(f['case'])}: {escape(f['path'])}: {escape(f['reason'])}",
+                          highlight=False, soft_wrap=True)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def parse_label_value(text: str) -> int | None:
+    """``63`` → 63, ``any`` → None (any nonzero pixel is liver)."""
+    if text.lower() == "any":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 1..255 or 'any', got {text!r}") from None
+    if not 1 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"expected 1..255 or 'any', got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = argparse.ArgumentParser(prog="python -m dlseg.evaluate",
+                                description="Score prediction folders with the CHAOS metrics.")
+    p.add_argument("--pred", required=True, help="prediction folder (OUT_DIR of dlseg/predict.py)")
+    p.add_argument("--truth", required=True, help="a CHAOS tree (Train_Sets/...) or a dlseg Zarr store")
+    p.add_argument("--csv", default=None, help="per-case CSV (default OUT_DIR/evaluation.csv)")
+    p.add_argument("--label-value", type=parse_label_value, default=63,
+                   help="PNG gray value of the liver, or 'any' for any nonzero pixel (default 63)")
+    p.add_argument("--split", default=None, help="store truth only: train | val | unlabeled | all")
+    p.add_argument("--modality", default="all", help="CHAOS-tree truth only: ct | t1-in | t1-out | t2 | all")
+    p.add_argument("--workers", type=int, default=1, help="processes scoring cases in parallel (default 1)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> EvalConfig:
+    """Arguments → EvalConfig."""
+    a = build_parser().parse_args(argv)
+    return EvalConfig(pred=a.pred, truth=a.truth, csv=a.csv, label_value=a.label_value, split=a.split,
+                      modality=a.modality, workers=max(1, a.workers))
+
+
+def run(cfg: EvalConfig, progress: bool = True) -> int:
+    """Evaluate, write the CSV and summary JSON, print the table; the exit status."""
+    rows, failures = evaluate_folder(cfg.pred, cfg.truth, cfg.label_value, cfg.split, cfg.modality,
+                                     cfg.workers, progress)
+    scored = {r["case"] for r in rows} | {f.case_id for f in failures}
+    unmatched = [c for c in prediction_cases(Path(cfg.pred)) if c not in scored]
+    doc = summary_document(cfg, rows, failures, unmatched)
+    write_atomic(cfg.csv_path, csv_text(rows))
+    write_atomic(cfg.summary_path, json.dumps(doc, indent=2) + "\n")
+    print_summary(doc, cfg)
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one error line and status 2 for unusable arguments, never a traceback."""
+    cfg = parse_args(argv)
+    try:
+        return run(cfg)
+    except (UsageError, StoreError) as e:
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
