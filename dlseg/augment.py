@@ -1,0 +1,260 @@
+"""The article's augmentation set, per sample with albumentations (CPU, in loader workers) or per batch with torch.
+
+Transforms, in the article's order, each applied independently with its own probability (``AugmentConfig``):
+horizontal flip, vertical flip, transpose, random scale ±``scale_limit``, random rotation by k·90°
+(k uniform in 0..3, as albumentations' RandomRotate90), random brightness/contrast.
+
+Two deliberate departures from the article's albumentations 0.x code:
+
+* **Scale keeps the canvas.** ``RandomScale`` changes the image size, so samples no longer batch. We use an
+  isotropic zoom about the centre on the same canvas (``A.Affine(scale=(1-l, 1+l), keep_ratio=True)`` on the CPU,
+  ``affine_grid``/``grid_sample`` on a batch); zooming out replicates the edge pixels (cv2.BORDER_REPLICATE /
+  ``padding_mode="border"``). Image bilinear, mask nearest-neighbour, same geometry.
+* **Brightness/contrast act on normalized values.** Inputs are z-scored MR or windowed CT in about [-1, 1], not
+  [0, 1] images; albumentations' RandomBrightnessContrast clips float images to [0, 1], which would destroy them.
+  Here ``x -> x * (1 + c) + b`` with ``c ~ U(±contrast_limit)``, ``b ~ U(±brightness_limit)`` in normalized units and
+  no clipping: "brightness ±0.2" shifts intensities by up to 0.2 standard deviations (MR) or a tenth of the CT
+  window's half-width; contrast scales about 0 (the body mean for MR, the window centre for CT). This is
+  albumentations' formula for a [0, 1] image (brightness_by_max) without the clip.
+
+Both paths draw the same distributions; they do not reproduce each other's random streams.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation: each transform's probability (the article's values) and magnitudes."""
+
+    enabled: bool = True
+    hflip: float = 0.8
+    vflip: float = 0.8
+    transpose: float = 0.8
+    scale: float = 0.5
+    scale_limit: float = 0.1          # zoom factor drawn from [1 - l, 1 + l]
+    rotate90: float = 0.8
+    brightness_contrast: float = 0.8
+    brightness_limit: float = 0.2     # additive, in normalized intensity units
+    contrast_limit: float = 0.2       # multiplicative: factor in [1 - l, 1 + l]
+
+
+PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "brightness_contrast")
+
+
+def check_config(cfg: AugmentConfig) -> None:
+    """ValueError naming the key for a probability outside [0, 1] or a limit outside [0, 1)."""
+    for key in PROBABILITY_KEYS:
+        value = getattr(cfg, key)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"augment.{key}: probability must be within [0, 1], got {value!r}")
+    for key in ("scale_limit", "brightness_limit", "contrast_limit"):
+        value = getattr(cfg, key)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"augment.{key}: must be within [0, 1), got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per sample: albumentations
+
+
+class NormalizedBrightnessContrast(A.ImageOnlyTransform):
+    """``x * (1 + c) + b`` on normalized float images, no clipping (c, b uniform within ±limits)."""
+
+    def __init__(self, brightness_limit: float = 0.2, contrast_limit: float = 0.2, p: float = 0.5):
+        super().__init__(p=p)
+        self.brightness_limit = brightness_limit
+        self.contrast_limit = contrast_limit
+
+    def get_params(self) -> dict[str, float]:
+        return {"alpha": 1.0 + self.py_random.uniform(-self.contrast_limit, self.contrast_limit),
+                "beta": self.py_random.uniform(-self.brightness_limit, self.brightness_limit)}
+
+    def apply(self, img: np.ndarray, alpha: float = 1.0, beta: float = 0.0, **params: Any) -> np.ndarray:
+        return (img * np.float32(alpha) + np.float32(beta)).astype(img.dtype, copy=False)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("brightness_limit", "contrast_limit")
+
+
+def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compose:
+    """One-sample transform: ``t(image=float32 (H,W) or (H,W,C), mask=uint8 (H,W))``; square slices expected.
+
+    Deterministic for a given ``seed``; each DataLoader worker should call :func:`seed_transform` with its own seed.
+    Disabled config → an empty Compose (identity).
+    """
+    check_config(cfg)
+    steps: list[A.BasicTransform] = []
+    if cfg.enabled:
+        lim = cfg.scale_limit
+        steps = [
+            A.HorizontalFlip(p=cfg.hflip),
+            A.VerticalFlip(p=cfg.vflip),
+            A.Transpose(p=cfg.transpose),
+            # RandomScale would change the size (no batching): zoom on the same canvas instead.
+            A.Affine(scale=(1 - lim, 1 + lim), keep_ratio=True, interpolation=cv2.INTER_LINEAR,
+                     mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_REPLICATE, p=cfg.scale),
+            A.RandomRotate90(p=cfg.rotate90),
+            NormalizedBrightnessContrast(cfg.brightness_limit, cfg.contrast_limit, p=cfg.brightness_contrast),
+        ]
+    transform = A.Compose(steps)
+    seed_transform(transform, seed)
+    return transform
+
+
+def seed_transform(transform: A.Compose, seed: int | None) -> None:
+    """Seed every step from ONE shared generator pair.
+
+    albumentations 2.0.8's ``Compose(seed=s)`` / ``set_random_seed(s)`` give every step its own generator seeded
+    with the same ``s``, so steps with equal probabilities make identical decisions (hflip ⇔ vflip ⇔ transpose).
+    """
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per batch: torch, on the batch's device
+
+
+@dataclass
+class AugmentParams:
+    """Per-sample draws for one batch (all tensors of length N on the batch's device)."""
+
+    hflip: torch.Tensor        # bool
+    vflip: torch.Tensor        # bool
+    transpose: torch.Tensor    # bool
+    scale: torch.Tensor        # bool: zoom applied
+    zoom: torch.Tensor         # float32 zoom factor (>1 enlarges the content)
+    rotate90: torch.Tensor     # bool
+    quarter_turns: torch.Tensor  # int64 in 0..3 (counter-clockwise, like np.rot90)
+    brightness_contrast: torch.Tensor  # bool
+    contrast: torch.Tensor     # float32 factor 1 + c
+    brightness: torch.Tensor   # float32 offset b
+
+
+class BatchAugment:
+    """The same transform set on whole batches: ``image`` (N,C,H,W) float, ``mask`` (N,H,W) integer, any device.
+
+    Each transform is decided per sample with its probability. Flips, transpose and rotations are composed per
+    sample into one element of the square's symmetry group (at most a transpose and two flips) and applied exactly;
+    the zoom and the intensity change commute with them, so applying them afterwards gives the same distribution
+    as the article's order.
+    """
+
+    def __init__(self, cfg: AugmentConfig):
+        check_config(cfg)
+        self.cfg = cfg
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented (image, mask); ``generator`` (on the batch's device) makes it reproducible."""
+        if not self.cfg.enabled:
+            return image, mask
+        return self.apply(image, mask, self.sample(image.shape[0], image.device, generator))
+
+    def sample(self, n: int, device: torch.device | str, generator: torch.Generator | None = None) -> AugmentParams:
+        """Draw every sample's decisions and magnitudes (a fixed number of draws, whatever the config)."""
+        cfg = self.cfg
+        u = torch.rand((n, 9), generator=generator, device=device)
+        k = torch.randint(0, 4, (n,), generator=generator, device=device)
+        return AugmentParams(
+            hflip=u[:, 0] < cfg.hflip, vflip=u[:, 1] < cfg.vflip, transpose=u[:, 2] < cfg.transpose,
+            scale=u[:, 3] < cfg.scale, zoom=1 + (2 * u[:, 6] - 1) * cfg.scale_limit,
+            rotate90=u[:, 4] < cfg.rotate90, quarter_turns=k,
+            brightness_contrast=u[:, 5] < cfg.brightness_contrast,
+            contrast=1 + (2 * u[:, 7] - 1) * cfg.contrast_limit, brightness=(2 * u[:, 8] - 1) * cfg.brightness_limit,
+        )
+
+    def apply(self, image: torch.Tensor, mask: torch.Tensor, params: AugmentParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply drawn parameters to a batch."""
+        check_batch(image, mask, square=self.cfg.transpose > 0 or self.cfg.rotate90 > 0)
+        cfg = self.cfg
+        if cfg.hflip > 0 or cfg.vflip > 0 or cfg.transpose > 0 or cfg.rotate90 > 0:
+            t, r, c = compose_dihedral(params)
+            image, mask = apply_dihedral(image, mask, t if cfg.transpose > 0 or cfg.rotate90 > 0 else None, r, c)
+        if cfg.scale > 0:
+            image, mask = apply_zoom(image, mask, params.scale, params.zoom)
+        if cfg.brightness_contrast > 0:
+            image = apply_intensity(image, params.brightness_contrast, params.contrast, params.brightness)
+        return image, mask
+
+
+def check_batch(image: torch.Tensor, mask: torch.Tensor, square: bool) -> None:
+    """ValueError unless image is (N,C,H,W) float, mask (N,H,W) integer, and H == W when ``square``."""
+    if image.dim() != 4 or not image.is_floating_point():
+        raise ValueError(f"batch augmentation expects a float image batch (N,C,H,W), got {image.dtype} "
+                         f"{tuple(image.shape)}")
+    if mask.shape != image.shape[:1] + image.shape[2:] or mask.is_floating_point():
+        raise ValueError(f"batch augmentation expects an integer mask batch (N,H,W) matching the image "
+                         f"{tuple(image.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    if square and image.shape[-2] != image.shape[-1]:
+        raise ValueError(f"transpose/rotate90 need square slices, got {image.shape[-2]}x{image.shape[-1]} "
+                         f"(set augment.transpose and augment.rotate90 to 0 for non-square inputs)")
+
+
+def compose_dihedral(p: AugmentParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (transpose, flip rows, flip columns) equal to hflip → vflip → transpose → rot90^k.
+
+    Normal form x ↦ Fc^c Fr^r T^t x. Rules: Fc·form: c ^= 1; Fr·form: r ^= 1; T·form: t ^= 1 and swap (r, c)
+    (T Fc = Fr T); one quarter turn R = Fr T; a half turn R² = Fr Fc commutes with everything.
+    """
+    t = p.transpose.clone()
+    r = p.vflip.clone()
+    c = p.hflip.clone()
+    r, c = torch.where(t, c, r), torch.where(t, r, c)
+    k = torch.where(p.rotate90, p.quarter_turns, torch.zeros_like(p.quarter_turns))
+    odd, half = (k % 2) == 1, k >= 2
+    t = t ^ odd
+    r, c = torch.where(odd, c, r), torch.where(odd, r, c)
+    r = r ^ odd ^ half
+    c = c ^ half
+    return t, r, c
+
+
+def _select(flag: torch.Tensor, yes: torch.Tensor, no: torch.Tensor) -> torch.Tensor:
+    """Per-sample choice between two batches (flag of length N)."""
+    return torch.where(flag.view(-1, *([1] * (yes.dim() - 1))), yes, no)
+
+
+def apply_dihedral(image: torch.Tensor, mask: torch.Tensor, t: torch.Tensor | None, r: torch.Tensor,
+                   c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-sample transpose (skipped when ``t`` is None), row flip, column flip; image (N,C,H,W), mask (N,H,W)."""
+    out = []
+    for x in (image, mask):
+        if t is not None:
+            x = _select(t, x.transpose(-1, -2), x)
+        x = _select(r, x.flip(-2), x)
+        out.append(_select(c, x.flip(-1), x))
+    return out[0], out[1]
+
+
+def apply_zoom(image: torch.Tensor, mask: torch.Tensor, flag: torch.Tensor,
+               zoom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zoom by ``zoom`` about the centre where ``flag``: one float32 sampling grid, image bilinear, mask nearest."""
+    n = image.shape[0]
+    theta = torch.zeros((n, 2, 3), dtype=torch.float32, device=image.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / zoom
+    grid = F.affine_grid(theta, [n, 1, *image.shape[-2:]], align_corners=False)
+    # float32 sampling: a bf16/fp16 grid would be off by up to a pixel at 256 px and break image/mask alignment.
+    zoomed = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    zoomed_mask = F.grid_sample(mask.unsqueeze(1).float(), grid, mode="nearest", padding_mode="border",
+                                align_corners=False)
+    return (_select(flag, zoomed.to(image.dtype), image),
+            _select(flag, zoomed_mask.squeeze(1).to(mask.dtype), mask))
+
+
+def apply_intensity(image: torch.Tensor, flag: torch.Tensor, contrast: torch.Tensor,
+                    brightness: torch.Tensor) -> torch.Tensor:
+    """``x * (1 + c) + b`` per sample where ``flag`` (identity elsewhere), in the image's dtype."""
+    a = torch.where(flag, contrast, torch.ones_like(contrast)).to(image.dtype).view(-1, 1, 1, 1)
+    b = torch.where(flag, brightness, torch.zeros_like(brightness)).to(image.dtype).view(-1, 1, 1, 1)
+    return torch.addcmul(b, image, a)
