@@ -25,7 +25,7 @@ from .errors import Failure, UsageError
 from .layout import LABELS, MODALITIES, CaseSource, discover
 from .masks import label_map
 from .qa import qa_dir_for
-from .split import SplitConfig, build_split, validate
+from .split import SplitConfig, build_split, split_patients, validate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -146,6 +146,8 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> RunReport:
     """Discover, convert (skipping unchanged cases), drop stale ones, split by patient, finalize the store."""
     check_config(cfg)
     sources, failures = discover(cfg.src, cfg.modality, cfg.labels)
+    patients = {s.patient for s in sources if s.group == "train"} | {f.patient for f in failures if f.patient}
+    sides = split_patients(sorted(patients), cfg.split_config())
     writer = StoreWriter(cfg.out)
     writer.clean_partial()
     report = RunReport(failures=list(failures))
@@ -170,9 +172,7 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> RunReport:
             writer.remove_case(cid)
             report.removed.append(cid)
     present = {s.case_id: {"patient": s.patient, "labeled": s.labeled} for s in sources if s.case_id in wanted}
-    patients = {s.patient for s in sources if s.group == "train"} | {
-        f.patient for f in report.failures if f.patient and not f.patient.startswith("test-")}
-    split = build_split(present, sorted(patients), cfg.split_config())
+    split = build_split(present, sides, cfg.split_config())
     report.root = writer.finalize(split, label_map(cfg.labels))
     return report
 

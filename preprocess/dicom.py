@@ -72,8 +72,19 @@ def read_dataset(path: Path, header_only: bool = False) -> pydicom.Dataset:
         raise CaseError(path, f"corrupt DICOM ({type(e).__name__}: {one_line(e)})") from None
 
 
+def sop_class_name(ds: pydicom.Dataset) -> str:
+    """Name of the SOP class (from the dataset, else the file meta), e.g. ``CT Image Storage``."""
+    uid = ds.get("SOPClassUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID")
+    return str(getattr(uid, "name", "") or "")
+
+
 def is_image(ds: pydicom.Dataset, need_pixels: bool = True) -> bool:
-    """True for a slice of an image series (has rows/columns and pixel data; not SR/RT/PR/SEG)."""
+    """True for a slice of an image series; False for SR/RT/presentation states/SEG and other non-images.
+
+    An object of an image storage class is an image even when damaged (so ``read_series`` reports it).
+    """
+    if "Image Storage" in sop_class_name(ds):
+        return True
     if ds.get("Modality") in NON_IMAGE_MODALITIES or "Rows" not in ds or "Columns" not in ds:
         return False
     return not need_pixels or "PixelData" in ds
@@ -220,6 +231,8 @@ def read_series(files: list[str | os.PathLike]) -> Volume:
         if not is_image(ds):
             skipped.append(path)
             continue
+        if "PixelData" not in ds or "Rows" not in ds or "Columns" not in ds:
+            raise CaseError(path, "image object without rows, columns or pixel data (truncated or damaged file)")
         meta = header_meta(ds)
         if metas:
             check_consistent(meta, metas[0], path)

@@ -29,14 +29,13 @@ class Failure:
     case_id: str
     path: str
     reason: str
-    patient: str | None = None
+    patient: str | None = None      # the labeled patient it belongs to (keeps the split stable), else None
 
     def __str__(self) -> str:
         return f"{self.case_id}: {self.path}: {self.reason}"
 
 
 def one_line(text: object, limit: int = 300) -> str:
-    """First line of a message, stripped and shortened."""
-    lines = str(text).strip().splitlines()
-    line = lines[0].strip() if lines else ""
+    """A message's lines joined into one, shortened to ``limit`` characters."""
+    line = " ".join(part.strip() for part in str(text).strip().splitlines() if part.strip())
     return line if len(line) <= limit else line[: limit - 1] + "…"

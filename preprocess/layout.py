@@ -148,7 +148,7 @@ def discover(src: str | os.PathLike, modality: str = "t1-in", labels: str = "liv
                 try:
                     cases.append(find_case(set_dir, patient_dir, layout, group))
                 except CaseError as e:
-                    patient = patient_dir.name if group == "train" else f"test-{patient_dir.name}"
+                    patient = patient_dir.name if group == "train" else None  # labeled patients only (split)
                     failures.append(Failure(case_id_for(patient_dir.name, layout, group), e.path, e.reason, patient))
     if not cases and not failures:
         raise UsageError(f"{src}: no {modality} cases found (looked for CT/<patient>/ and MR/<patient>/ folders)")

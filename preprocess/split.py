@@ -99,13 +99,13 @@ def read_split_file(path: Path, patients: list[str]) -> tuple[list[str], list[st
     return train, val
 
 
-def build_split(cases: dict[str, dict[str, Any]], patients: list[str], cfg: SplitConfig) -> dict[str, Any]:
+def build_split(cases: dict[str, dict[str, Any]], sides: tuple[list[str], list[str]], cfg: SplitConfig) -> dict[str, Any]:
     """The split stored in the root: case ids per side, plus patients, seed and method.
 
-    ``cases`` maps case id → attributes with ``patient`` and ``labeled``; ``patients`` are all labeled
-    patients found (so a failed case does not shift the others' assignment).
+    ``cases`` maps case id → attributes with ``patient`` and ``labeled``; ``sides`` is the
+    ``split_patients`` result over all labeled patients found (so a failed case shifts no one).
     """
-    train_p, val_p = split_patients(patients, cfg)
+    train_p, val_p = sides
     side = {p: "train" for p in train_p} | {p: "val" for p in val_p}
     out: dict[str, Any] = {"train": [], "val": [], "unlabeled": []}
     for cid in sorted(cases, key=natural_key):
@@ -114,5 +114,5 @@ def build_split(cases: dict[str, dict[str, Any]], patients: list[str], cfg: Spli
             out["unlabeled"].append(cid)
         elif str(info.get("patient")) in side:
             out[side[str(info["patient"])]].append(cid)
-    out.update(seed=cfg.seed, method=cfg.method(), patients={"train": train_p, "val": val_p})
+    out.update(seed=cfg.seed, method=cfg.method(), patients={"train": list(train_p), "val": list(val_p)})
     return out

@@ -1,0 +1,241 @@
+"""python -m preprocess end to end: round trip bit for bit, patient split, resume, failures, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from dlseg.normalize import intensity_stats
+from dlseg.store import Store, StoreError
+from preprocess.cli import PreprocessConfig, main, run
+from preprocess.layout import natural_sorted
+from test_preprocess_helpers import make_ct_patient, make_mr_patient, read_sources
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_round_trip(store: Store, case_id: str, src_root: Path, modality: str) -> None:
+    """The store's image/mask equal pydicom (+ rescale) and OpenCV reading the recorded source files."""
+    info = store.info(case_id)
+    image, mask = store.read_case(case_id)
+    files = [src_root / f for f in info.attrs["source_files"]]
+    gfiles = [src_root / f for f in info.attrs["mask_files"]] if info.labeled else None
+    ref, gt = read_sources(files, gfiles)
+    assert image.dtype in (np.int16, np.float32)
+    np.testing.assert_array_equal(image, ref.astype(image.dtype))
+    assert np.array_equal(image.astype(np.float64), ref)               # nothing lost by the dtype
+    assert info.attrs["stats"] == intensity_stats(image, modality)
+    if gt is not None:
+        liver = gt == 255 if modality == "CT" else (gt >= 55) & (gt <= 70)
+        np.testing.assert_array_equal(mask == 1, liver)
+        assert info.attrs["foreground"] == [bool(m.any()) for m in mask]
+
+
+@pytest.fixture(scope="module")
+def ct_store(chaos_ct_case, tmp_path_factory):
+    src = tmp_path_factory.mktemp("ctsrc")
+    (src / "CT").mkdir()
+    os.symlink(chaos_ct_case, src / "CT" / "3")
+    out = tmp_path_factory.mktemp("ctout") / "ct.zarr"
+    assert main([str(src), str(out), "--modality", "ct", "--workers", "1", "--qa"]) == 0
+    return src, out
+
+
+def test_real_ct_case_round_trip(ct_store):
+    src, out = ct_store
+    store = Store(out)
+    assert store.cases == ["CT-3"]
+    info = store.info("CT-3")
+    names = [Path(f).name for f in info.attrs["source_files"]]
+    assert names == sorted(os.listdir(src / "CT/3/DICOM_anon")) and len(names) == 78
+    assert [Path(f).name for f in info.attrs["mask_files"]] == [f"liver_GT_{k:03d}.png" for k in range(78)]
+    assert info.attrs["order"] == "position" and info.shape == (78, 512, 512)
+    assert info.spacing == (2.0, 0.7265625, 0.7265625)
+    assert info.attrs["direction"][6:] == [0.0, 0.0, -1.0]     # file order runs head → feet, z decreasing
+    assert_round_trip(store, "CT-3", src, "CT")
+    assert store.split["train"] == ["CT-3"] and store.split["val"] == []
+    qa = cv2.imread(str(out.with_suffix(".qa") / "CT-3.png"))
+    assert qa is not None and qa.shape == (256, 4 * 256, 3)
+
+
+def test_synthetic_store_round_trip(synthetic_root, synthetic_store):
+    store = Store(synthetic_store)
+    train_root = synthetic_root / "Train_Sets"
+    assert len(store.cases) == 6 and all(c.endswith("-T1in") for c in store.cases)
+    for cid in store.cases:
+        assert_round_trip(store, cid, train_root, "MR")
+        assert store.info(cid).attrs["order"] == "stem"
+    split = store.split
+    assert (len(split["patients"]["train"]), len(split["patients"]["val"])) == (4, 2)
+    assert set(split["train"]).isdisjoint(split["val"]) and sorted(split["train"] + split["val"]) == store.cases
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """Hand-made CHAOS tree: 5 MR patients (3 sequences), 2 CT patients, 1 MR test patient."""
+    root = tmp_path_factory.mktemp("cohort")
+    for k, p in enumerate(["1", "2", "5", "10", "21"]):
+        make_mr_patient(root / "Train_Sets", p, n=3 + k % 2, seed=k)
+    for k, p in enumerate(["3", "4"]):
+        make_ct_patient(root / "Train_Sets", p, n=4, seed=20 + k)
+    make_mr_patient(root / "Test_Sets", "7", n=3, seed=30)
+    shutil.rmtree(root / "Test_Sets/MR/7/T1DUAL/Ground")
+    shutil.rmtree(root / "Test_Sets/MR/7/T2SPIR/Ground")
+    return root
+
+
+def test_all_modalities_organs_parallel(cohort, tmp_path):
+    out = tmp_path / "all.zarr"
+    assert main([str(cohort), str(out), "--modality", "all", "--labels", "organs", "--workers", "2", "--seed", "3"]) == 0
+    store = Store(out)
+    assert len(store.cases) == 5 * 3 + 2 + 3
+    assert store.label_map == {"0": "background", "1": "liver", "2": "right_kidney", "3": "left_kidney", "4": "spleen"}
+    for cid in store.cases:
+        root = cohort / ("Test_Sets" if "-test-" in cid else "Train_Sets")
+        assert_round_trip(store, cid, root, store.info(cid).attrs["modality"])
+    image, mask = store.read_case("MR-2-T2")
+    gt = np.stack([cv2.imread(str(cohort / "Train_Sets" / f), cv2.IMREAD_UNCHANGED)
+                   for f in store.info("MR-2-T2").attrs["mask_files"]])
+    np.testing.assert_array_equal(mask, np.select([gt == 63, gt == 126, gt == 189, gt == 252], [1, 2, 3, 4], 0))
+    split = store.split
+    assert split["unlabeled"] == ["MR-test-7-T1in", "MR-test-7-T1out", "MR-test-7-T2"]
+    assert store.info("MR-test-7-T2").attrs["group"] == "unlabeled" and not store.info("MR-test-7-T2").labeled
+    # patient-disjoint: every case of a patient is on one side; 7 labeled patients → round(1.4) = 1 val
+    side = {}
+    for name in ("train", "val"):
+        for cid in split[name]:
+            assert side.setdefault(store.info(cid).attrs["patient"], name) == name
+    assert sorted(side) == ["1", "10", "2", "21", "3", "4", "5"]
+    assert len(split["patients"]["val"]) == 1 and split["seed"] == 3 and split["method"] == "fraction:0.2"
+    for f in out.rglob("zarr.json"):
+        assert "Secret" not in f.read_text()                    # no patient names from the DICOM headers
+
+
+def test_split_is_deterministic_kfold_and_file(cohort, tmp_path):
+    def split(*extra):
+        out = tmp_path / f"s{len(list(tmp_path.iterdir()))}.zarr"
+        report = run_args(cohort, out, "--modality", "t2", *extra)
+        return report.root["split"]
+
+    a, b = split("--seed", "5"), split("--seed", "5")
+    assert a == b and len(a["patients"]["val"]) == 1
+    folds = [split("--folds", "2", "--fold", str(i))["patients"]["val"] for i in range(2)]
+    assert sorted(folds[0] + folds[1]) == ["1", "10", "2", "21", "5"] and set(folds[0]).isdisjoint(folds[1])
+    spec = tmp_path / "split.json"
+    spec.write_text(json.dumps({"train": ["1", "2", "5"], "val": [10, "21"]}))
+    s = split("--split-file", str(spec))
+    assert s["val"] == ["MR-10-T2", "MR-21-T2"] and s["method"] == "file:split.json"
+
+
+def run_args(src, out, *extra):
+    from preprocess.cli import parse_args
+    return run(parse_args([str(src), str(out), "--workers", "1", *extra]), show_progress=False)
+
+
+def test_resume_skips_unchanged_and_replaces_partial(cohort, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(cohort / "Train_Sets", src)
+    out = tmp_path / "r.zarr"
+    first = run_args(src, out, "--modality", "t1-in")
+    assert len(first.written) == 5 and first.skipped == []
+    # a killed run leaves a staging folder and a case folder without its `complete` attribute
+    (out / ".partial" / "MR-1-T1in-deadbeef").mkdir(parents=True)
+    half = out / "MR-2-T1in" / "zarr.json"
+    meta = json.loads(half.read_text())
+    meta["attributes"].pop("complete")
+    half.write_text(json.dumps(meta))
+    # and one source changed since
+    f = next((src / "MR/5/T1DUAL/DICOM_anon/InPhase").iterdir())
+    ds = pydicom.dcmread(f)
+    ds.PixelData = (ds.pixel_array + 1).astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(f)
+    again = run_args(src, out, "--modality", "t1-in")
+    assert sorted(again.written) == ["MR-2-T1in", "MR-5-T1in"]
+    assert sorted(again.skipped) == ["MR-1-T1in", "MR-10-T1in", "MR-21-T1in"]
+    assert not (out / ".partial").exists()
+    store = Store(out)
+    for cid in store.cases:
+        assert_round_trip(store, cid, src, "MR")
+    # a source that vanished drops its case from the store and the split
+    shutil.rmtree(src / "MR/21")
+    third = run_args(src, out, "--modality", "t1-in")
+    assert third.removed == ["MR-21-T1in"] and len(third.skipped) == 4
+    assert "MR-21-T1in" not in Store(out).cases
+
+
+def test_resume_after_kill_9(cohort, tmp_path):
+    src = tmp_path / "src"
+    for p in range(1, 7):
+        make_ct_patient(src, str(p), n=30, seed=p)
+    out = tmp_path / "k.zarr"
+    cmd = [sys.executable, "-m", "preprocess", str(src), str(out), "--modality", "ct", "--workers", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (out / "CT-2").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)                                     # kill while the third case is being written
+    proc.send_signal(signal.SIGKILL)
+    killed = proc.wait() == -signal.SIGKILL
+    if killed:
+        with pytest.raises(StoreError, match="never finalized"):
+            Store(out)
+    for case in out.iterdir() if out.exists() else []:
+        meta = case / "zarr.json"
+        if case.is_dir() and not case.name.startswith("."):   # whatever is visible is a complete case
+            assert json.loads(meta.read_text())["attributes"]["complete"] is True
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    store = Store(out)
+    assert store.cases == [f"CT-{p}" for p in range(1, 7)]
+    for cid in store.cases:
+        assert_round_trip(store, cid, src, "CT")
+
+
+def test_bad_cases_fail_alone_exit_1(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_ct_patient(src, "1", n=3)
+    make_ct_patient(src, "2", n=3)
+    shutil.copy(get_testdata_file("MR_truncated.dcm"), src / "CT/2/DICOM_anon/i0000,0000b.dcm")
+    make_ct_patient(src, "3", n=3, masks=2)
+    make_ct_patient(src, "4", n=3)
+    cv2.imwrite(str(src / "CT/4/Ground/liver_GT_002.png"), np.zeros((7, 7), np.uint8))
+    out = tmp_path / "o.zarr"
+    assert main([str(src), str(out), "--modality", "ct", "--workers", "1"]) == 1
+    text = capsys.readouterr().out
+    assert "Traceback" not in text and "4 failed case(s)" not in text and "3 failed case(s)" in text
+    report = run_args(src, out, "--modality", "ct")
+    reasons = {f.case_id: (f.path, f.reason) for f in report.failures}
+    assert reasons["CT-2"][0] == "CT/2/DICOM_anon/i0000,0000b.dcm" and "cannot decode pixel data" in reasons["CT-2"][1]
+    assert "3 DICOM files" in reasons["CT-3"][1] and "2 PNGs" in reasons["CT-3"][1]
+    assert reasons["CT-4"][0] == "CT/4/Ground/liver_GT_002.png" and "7x7" in reasons["CT-4"][1]
+    assert Store(out).cases == ["CT-1"] and report.exit_code == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/missing", "{tmp}/o.zarr"], "no such folder"),
+    (["{tmp}", "{tmp}/o.zarr"], "unknown layout"),
+    (["{cohort}", "{tmp}/o.zarr", "--folds", "3"], "--folds K needs --fold I"),
+    (["{cohort}", "{tmp}/o.zarr", "--folds", "9", "--fold", "0", "--modality", "t2"], "only 5 labeled patients"),
+    (["{cohort}", "{tmp}/o.zarr", "--split-file", "{tmp}/none.json"], "split file not found"),
+    (["{cohort}", "{tmp}/o.zarr", "--val-fraction", "1.5"], "--val-fraction 1.5"),
+    (["{cohort}", "{tmp}/notastore"], "not a Zarr store"),
+    (["{cohort}", "{tmp}/o.zarr", "--modality", "pet"], "invalid choice"),
+])
+def test_unusable_arguments_exit_2(cohort, tmp_path, capsys, args, message):
+    (tmp_path / "notastore").mkdir()
+    (tmp_path / "notastore" / "keep.txt").write_text("mine")
+    argv = [a.format(tmp=tmp_path, cohort=cohort) for a in args]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert message in " ".join((captured.out + captured.err).split()) and "Traceback" not in captured.err
