@@ -239,7 +239,8 @@ def score_case(job: CaseJob) -> dict[str, Any] | Failure:
         pred = read_prediction(case_dir, job.label_value)
         truth, spacing = load_truth(job.truth, job.case_id, job.source)
         if pred.shape != truth.shape:
-            raise CaseError(case_dir, f"prediction is {shape_text(pred.shape)} but the truth is {shape_text(truth.shape)}")
+            raise CaseError(case_dir, f"prediction is {shape_text(pred.shape)} "
+                                      f"but the truth is {shape_text(truth.shape)}")
         m = case_metrics(pred, truth, spacing)
     except CaseError as e:
         return Failure(job.case_id, e.path, e.reason)
@@ -281,7 +282,7 @@ def evaluate_folder(
         raise UsageError(f"{truth}: no labeled cases to score")
     jobs = [CaseJob(c, str(pred_dir), spec, source, label_value) for c, source in cases]
     rows: list[dict[str, Any]] = []
-    with make_progress("cases", disable=not progress) as bar:
+    with make_progress("cases", disable=None if progress else True) as bar:
         task = bar.add_task("evaluate", total=len(jobs), info="")
         for result in run_jobs(jobs, workers):
             (failures if isinstance(result, Failure) else rows).append(result)

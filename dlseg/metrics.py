@@ -14,10 +14,12 @@ The reference is the official evaluation code, repository ``emrekavur/CHAOS-eval
 * ``ASSD = (Σ d(S→R) + Σ d(R→S)) / (n_S + n_R)``; ``MSSD = max`` over both directions (the Hausdorff
   distance between the two surfaces).
 
-Here the nearest-surface distances come from ``scipy.ndimage.distance_transform_edt(~surface,
-sampling=spacing)`` on the bounding box of both surfaces. That is exactly the KD-tree's Euclidean distance
-between voxel centres whenever the slice axis is perpendicular to the image plane (axial stacks without gantry
-tilt, which is the CHAOS data); ``spacing`` is ``(slice step, row spacing, column spacing)`` in mm.
+Here surface voxels become points ``(z, y, x) · spacing`` with ``spacing = (slice step, row spacing, column
+spacing)`` in mm, and the nearest neighbours come from a KD-tree (``scipy.spatial.cKDTree``), as in the official
+code. The official matrix maps the same indices through orthonormal direction cosines, so the distances are
+identical whenever the slice step is perpendicular to the image plane (axial stacks without gantry tilt: the
+CHAOS data). A KD-tree rather than ``distance_transform_edt(~surface, sampling=spacing)`` (which gives the same
+numbers) because it is ~5x faster on a 250x512x512 CT volume and needs memory only for the surface points.
 
 Not in the official Python code (which divides by zero, or fails in the KD-tree, on an empty mask), defined here:
 
@@ -44,6 +46,7 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 #: Keys of :func:`case_metrics`, in report order (CHAOS metrics first).
 METRIC_KEYS = ("dice", "ravd", "assd", "mssd", "hd95", "iou")
@@ -130,14 +133,34 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return m & ~ndimage.binary_erosion(m, structure=_CROSS_3D, border_value=1)
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
-    """Smallest box (one slice per axis) holding every True voxel of a non-empty mask."""
+def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    """Smallest box holding every True voxel of a non-empty mask, grown by ``margin`` (clipped to the volume)."""
     box = []
     for axis in range(mask.ndim):
         other = tuple(a for a in range(mask.ndim) if a != axis)
         idx = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+        box.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, mask.shape[axis])))
     return tuple(box)
+
+
+def _surface_points(mask: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Surface voxel centres in mm, (n, 3) as (z, y, x) · spacing; erodes only the mask's box plus one voxel.
+
+    The one-voxel margin is background inside the volume and the volume edge itself where the box touches it,
+    so ``border_value=1`` on the crop gives the same surface as on the whole volume.
+    """
+    if not mask.any():
+        return np.zeros((0, 3))
+    box = _bbox(mask, margin=1)
+    start = np.array([b.start for b in box])
+    return (np.argwhere(surface(mask[box])) + start) * np.asarray(spacing)
+
+
+def _nearest(pts_a: np.ndarray, pts_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distance from each point of a to the nearest of b, and from each of b to the nearest of a."""
+    a_to_b, _ = cKDTree(pts_b).query(pts_a)
+    b_to_a, _ = cKDTree(pts_a).query(pts_b)
+    return a_to_b, b_to_a
 
 
 def surface_distances(
@@ -145,19 +168,14 @@ def surface_distances(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest-surface distances in mm: (each prediction surface voxel → truth surface, truth → prediction).
 
-    Either array is empty when that mask has no surface voxel; the other direction is then undefined and
-    returned empty too.
+    Both arrays are empty when either mask has no surface voxel (the distances are then undefined).
     """
     p, t = _check_pair(pred, truth)
     s = _check_spacing(spacing)
-    sp, st = surface(p), surface(t)
-    if not sp.any() or not st.any():
+    pts_p, pts_t = _surface_points(p, s), _surface_points(t, s)
+    if len(pts_p) == 0 or len(pts_t) == 0:
         return np.zeros(0), np.zeros(0)
-    box = _bbox(sp | st)  # exact: every surface voxel (source and target) lies inside the box
-    sp, st = sp[box], st[box]
-    to_truth = ndimage.distance_transform_edt(~st, sampling=s)
-    to_pred = ndimage.distance_transform_edt(~sp, sampling=s)
-    return to_truth[sp], to_pred[st]
+    return _nearest(pts_p, pts_t)
 
 
 def volume_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
@@ -168,11 +186,12 @@ def volume_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
 
 def _distance_metrics(p: np.ndarray, t: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
     """ASSD, MSSD and HD95 (mm) with the documented values for empty surfaces."""
-    d_pt, d_tp = surface_distances(p, t, spacing)
-    if d_pt.size == 0:
-        both_empty = not surface(p).any() and not surface(t).any()
-        value = 0.0 if both_empty else volume_diagonal(p.shape, spacing)
+    s = _check_spacing(spacing)
+    pts_p, pts_t = _surface_points(p, s), _surface_points(t, s)
+    if len(pts_p) == 0 or len(pts_t) == 0:
+        value = 0.0 if len(pts_p) == len(pts_t) else volume_diagonal(p.shape, s)
         return {"assd": value, "mssd": value, "hd95": value}
+    d_pt, d_tp = _nearest(pts_p, pts_t)
     return {
         "assd": float((d_pt.sum() + d_tp.sum()) / (d_pt.size + d_tp.size)),
         "mssd": float(max(d_pt.max(), d_tp.max())),

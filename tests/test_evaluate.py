@@ -93,7 +93,7 @@ def test_rows_equal_the_metrics_and_hand_values(store, pred_dir):
     assert sorted(by_case) == ["CT-1", "CT-2", "CT-3"]
     # CT-1: slabs one slice apart: Dice 2/3, every surface voxel 2.5 mm (one slice) from the other surface
     assert by_case["CT-1"]["Dice"] == pytest.approx(2 / 3)
-    assert by_case["CT-1"]["ASSD"] == by_case["CT-1"]["MSSD"] == pytest.approx(2.5)
+    assert (by_case["CT-1"]["ASSD"], by_case["CT-1"]["MSSD"]) == pytest.approx((2.5, 2.5))
     # CT-2: a 3x4x4 box one column off: overlap 3x4x3
     assert by_case["CT-2"]["Dice"] == pytest.approx(2 * 36 / 96)
     assert by_case["CT-2"]["IoU"] == pytest.approx(36 / 60)
@@ -241,7 +241,9 @@ def test_real_chaos_case_agrees_with_official_code(chaos_ct_case, tmp_path):
     pred = ndimage.binary_erosion(pred, iterations=2)     # a segmentation a bit too small ...
     pred[30:34] = np.roll(pred[30:34], 5, axis=2)          # ... and shifted on a few slices
     case = write_prediction(tmp_path / "pred", "CT-3", pred.astype(np.uint8))
-    assert evaluate.official_spacing(sorted((chaos_ct_case / "DICOM_anon").glob("*.dcm"))) == (2.0, 0.7265625, 0.7265625)
+    # the official slice step |T_N - T_1| / (N - 1) = 154 mm / 77 = 2.0 mm (SliceThickness says 3.2)
+    dicoms = sorted((chaos_ct_case / "DICOM_anon").glob("*.dcm"))
+    assert evaluate.official_spacing(dicoms) == (2.0, 0.7265625, 0.7265625)
 
     rows, failures = evaluate.evaluate_folder(tmp_path / "pred", tmp_path / "chaos", modality="ct")
     assert failures == []
