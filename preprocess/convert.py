@@ -114,6 +114,9 @@ def process_case(store_path: str, src: CaseSource, labels: str, qa_dir: str | No
     except OSError as e:
         return CaseResult(src.case_id, "failed", n, path=str(e.filename or store_path),
                           reason=one_line(e.strerror or e), patient=src.patient)
+    except Exception as e:  # a library choking on odd input must not stop the other cases
+        return CaseResult(src.case_id, "failed", n, path=str(src.image_files[0].parent),
+                          reason=f"unexpected error ({type(e).__name__}: {one_line(e, 200)})", patient=src.patient)
 
 
 def rel_or_abs(path: str, root: Path) -> str:

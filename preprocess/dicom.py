@@ -233,7 +233,10 @@ def read_series(files: list[str | os.PathLike]) -> Volume:
             continue
         if "PixelData" not in ds or "Rows" not in ds or "Columns" not in ds:
             raise CaseError(path, "image object without rows, columns or pixel data (truncated or damaged file)")
-        meta = header_meta(ds)
+        try:
+            meta = header_meta(ds)
+        except (TypeError, ValueError) as e:
+            raise CaseError(path, f"invalid geometry tag value ({one_line(e, 120)})") from None
         if metas:
             check_consistent(meta, metas[0], path)
         raw.append(decode_pixels(ds, path))

@@ -239,3 +239,18 @@ def test_unusable_arguments_exit_2(cohort, tmp_path, capsys, args, message):
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert message in " ".join((captured.out + captured.err).split()) and "Traceback" not in captured.err
+
+
+def test_unexpected_library_error_fails_the_case_alone(tmp_path, monkeypatch):
+    import preprocess.convert as convert
+    from preprocess.layout import discover
+
+    make_ct_patient(tmp_path, "1", n=2)
+    (case,), _ = discover(tmp_path, "ct")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(convert, "read_masks", boom)
+    res = convert.process_case(str(tmp_path / "o.zarr"), case, "liver")
+    assert (res.status, res.reason) == ("failed", "unexpected error (RuntimeError: boom second line)")

@@ -128,6 +128,14 @@ def test_not_dicom_and_no_images(tmp_path):
     assert "no image slices among 1 DICOM files" in _one_line_error([sr])
 
 
+def test_invalid_geometry_value_is_one_line(tmp_path):
+    _, (path,) = series(tmp_path, n=1)
+    ds = pydicom.dcmread(path)
+    ds.add_new(0x00280030, "LO", "abc\\def")            # PixelSpacing that is not a number
+    ds.save_as(path)
+    assert _one_line_error([path]).startswith(f"{path}: invalid geometry tag value (")
+
+
 def _has_jpeg_plugins() -> bool:
     return any(importlib.util.find_spec(m) for m in ("pylibjpeg", "gdcm", "jpeg_ls"))
 
