@@ -1,0 +1,216 @@
+"""Training: config precedence/errors, a tiny run's outputs, exact resume, preemption, non-finite stop, 2 ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dlseg import checkpoint as ckpt
+from dlseg import curves, trainer
+from dlseg.config import ConfigError, from_dict
+from dlseg.export import load_model
+from dlseg.store import Store
+from dlseg.train import main as train_main
+from dlseg.train import parse
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "dlseg" / "train.py")
+TINY = ["--model.base_width", "4", "--model.depth", "2", "--loader.size", "32", "--loader.workers", "0",
+        "--loader.batch_size", "4", "--loader.val_batch_size", "8", "--optim.lr", "1e-3", "--sched.step_size", "1",
+        "--sched.gamma", "0.5", "--keep_last", "1"]
+
+
+def tiny(store: Path, out: Path, *extra: str) -> list[str]:
+    """Arguments of a tiny CPU run on the test store."""
+    return ["--data", str(store), "--out", str(out), *TINY, *extra]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    """Model weights in the newest checkpoint of a run."""
+    return load_file(str(ckpt.list_checkpoints(run)[-1] / "model.safetensors"))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def reference_run(synthetic_store, tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch run (CPU augmentation on), the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("train") / "ref"
+    assert trainer.run(parse(tiny(synthetic_store, out, "--epochs", "2"))) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def test_config_precedence_defaults_recipe_cli(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 7\noptim:\n  lr: 0.002\nloader:\n  size: 64\n")
+    cfg = parse(["--config", str(recipe), "--optim.lr", "3e-3", "--out", "runs/x"])
+    assert (cfg.epochs, cfg.optim.lr, cfg.loader.size, cfg.out) == (7, 3e-3, 64, "runs/x")
+    assert cfg.sched.step_size == 4 and cfg.mixed_precision == "no"        # defaults untouched
+    demo = parse(["--config", "demo"])
+    assert demo.data is None and demo.loader.workers <= 2
+    article = parse(["--config", "chaos_t1in"])
+    assert (article.optim.lr, article.sched.name, article.sched.step_size, article.sched.gamma, article.epochs,
+            article.mixed_precision, article.loss.name, article.model.base_width) == (
+        1e-4, "step", 4, 0.1, 20, "fp16", "focal", 64)
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--optim.lrr", "1"], "optim.lrr"),
+    (["--epochs", "two"], "epochs"),
+    (["--mixed_precision", "fp8"], "mixed_precision"),
+    (["--config", "no_such_recipe"], "no_such_recipe"),
+    (["--epochs", "0"], "epochs"),
+])
+def test_config_errors_exit_2_naming_the_key(argv, key, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train_main([*argv, "--out", str(tmp_path / "r")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_launch_trap_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE"):
+        trainer.check_launch(types.SimpleNamespace(num_processes=1))
+    trainer.check_launch(types.SimpleNamespace(num_processes=2))
+
+
+def test_schedules():
+    s = trainer.SchedConfig(name="step", step_size=4, gamma=0.1)
+    assert [round(trainer.lr_factor(s, e, 20), 6) for e in (0, 3, 4, 8)] == [1, 1, 0.1, 0.01]
+    c = trainer.SchedConfig(name="cosine", warmup_epochs=2)
+    assert trainer.lr_factor(c, 0, 12) == pytest.approx(1 / 3) and trainer.lr_factor(c, 2, 12) == 1.0
+    assert trainer.lr_factor(c, 12, 12) == pytest.approx(0.0)
+
+
+def test_dice_from_counts():
+    logits = torch.tensor([[[[5.0, -5.0], [5.0, -5.0]]], [[[-5.0, -5.0], [-5.0, -5.0]]]])
+    mask = torch.tensor([[[1, 1], [0, 0]], [[0, 0], [0, 0]]])
+    counts = trainer.confusion_counts(logits, mask, 1)
+    assert counts.tolist() == [[[1, 1, 1]], [[0, 0, 0]]]
+    table = torch.tensor([[2, 1, 1, 1], [1, 0, 0, 0]])        # [slices, TP, FP, FN]
+    assert trainer.dice_per_case(table) == [pytest.approx(0.5), 1.0]
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def test_run_writes_everything(reference_run, synthetic_store):
+    out = reference_run
+    rows = curves.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1] and all(r["world_size"] == 1 for r in rows)
+    assert set(rows[0]["val_dice"]) == set(Store(synthetic_store).split_cases("val"))
+    assert all(0.0 <= r["val_dice_mean"] <= 1.0 and 0.0 <= r["data_wait_fraction"] <= 1.0 for r in rows)
+    assert [r["lr"] for r in rows] == [1e-3, 5e-4]                             # StepLR per epoch
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "world size 1" in (out / "train.log").read_text()
+    saved = from_dict(trainer.TrainConfig, yaml.safe_load((out / "config.yaml").read_text()))
+    assert saved == parse(tiny(synthetic_store, out, "--epochs", "2"))
+    names = [p.name for p in ckpt.list_checkpoints(out)]
+    best = max(rows, key=lambda r: r["val_dice_mean"])
+    assert names[-1] == ckpt.checkpoint_name(rows[-1]["global_step"])
+    assert len(names) <= 2 and ckpt.checkpoint_name(best["global_step"]) in names   # last K=1 + best
+    model, meta = load_model(out / "model")
+    assert meta["epoch"] == best["epoch"] + 1 and meta["val_dice"] == best["val_dice_mean"]
+    assert meta["labels"] == "liver" and meta["modality"] == "MR" and meta["sequence"] == "t1-in"
+    assert meta["arch"]["num_classes"] == 1 and meta["train_size"] == 32 and meta["threshold"] == 0.5
+
+
+def test_resume_after_epoch_1_equals_uninterrupted(reference_run, synthetic_store, tmp_path):
+    out = tmp_path / "split"
+    assert trainer.run(parse(tiny(synthetic_store, out, "--epochs", "1"))) == 0
+    assert trainer.run(parse(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto"))) == 0
+    assert_same_weights(final_weights(out), final_weights(reference_run))
+    ref, got = curves.read_metrics(reference_run), curves.read_metrics(out)
+    assert [r["val_dice"] for r in got] == [r["val_dice"] for r in ref]
+
+
+def test_sigusr1_saves_exits_75_and_resume_matches(reference_run, synthetic_store, tmp_path):
+    out = tmp_path / "preempt"
+    proc = subprocess.Popen([sys.executable, TRAIN, *tiny(synthetic_store, out, "--epochs", "2",
+                                                            "--checkpoint_every_steps", "2")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ckpt.list_checkpoints(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == trainer.EXIT_PREEMPTED, err
+    assert json.loads((out / trainer.PREEMPTED_MARKER).read_text())["exit"] == trainer.EXIT_PREEMPTED
+    assert trainer.run(parse(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto"))) == 0
+    assert not (out / trainer.PREEMPTED_MARKER).exists()
+    assert_same_weights(final_weights(out), final_weights(reference_run))
+    assert [r["epoch"] for r in curves.read_metrics(out)] == [0, 1]
+
+
+def test_nonfinite_losses_stop_the_run(synthetic_store, tmp_path):
+    cfg = parse(tiny(synthetic_store, tmp_path / "nan", "--epochs", "1", "--optim.lr", "1e30",
+                     "--max_nonfinite", "2", "--augment.enabled", "false"))
+    with pytest.raises(trainer.TrainingError, match="2 non-finite losses in a row"):
+        trainer.run(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- 2 ranks
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_ranks(synthetic_store, tmp_path):
+    from dlseg.data import DataConfig, build_train_loader, build_val_loader
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           TRAIN, *tiny(synthetic_store, out, "--epochs", "1", "--debug_shards", "true")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = curves.read_metrics(out)
+    assert row["world_size"] == 2
+    records = {}
+    for rank in (0, 1):
+        (rec,) = [json.loads(x) for x in (out / "debug" / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert rec["world_size"] == 2 and rec["rank"] == rank
+        records[rank] = rec
+    assert records[0]["weights"] == records[1]["weights"]                       # identical weights on both ranks
+
+    # Shards: rank r trained on batches r, r+2, … of the single-process epoch order; together all of them.
+    cfg = DataConfig(size=32, workers=0, batch_size=4)
+    dataset = build_train_loader(synthetic_store, cfg, seed=0).dataset
+    from dlseg.data import EpochSampler
+    order = EpochSampler(dataset, seed=0).order(0).tolist()
+    ids = [f"{dataset.case_ids[c]}:{z}" for c, z in dataset.index[order].tolist()]
+    batches = [ids[i:i + 4] for i in range(0, len(ids) - len(ids) % 4, 4)]
+    batches = batches[:len(batches) - len(batches) % 2]
+    assert records[0]["batches"] == batches[0::2] and records[1]["batches"] == batches[1::2]
+    seen = [s for r in (0, 1) for b in records[r]["batches"] for s in b]
+    assert len(seen) == len(set(seen)) == 4 * len(batches) >= len(ids) - 8
+
+    # Validation Dice over 2 ranks equals one process on the same weights.
+    model, meta = load_model(out / "model")
+    val = build_val_loader(synthetic_store, cfg)
+    counts, _ = trainer.case_counts(model, val, 1, len(val.dataset.case_ids))
+    assert counts[:, 0].tolist() == val.dataset.depths.tolist()
+    assert dict(zip(val.dataset.case_ids, trainer.dice_per_case(counts))) == row["val_dice"]
+    assert meta["val_dice"] == row["val_dice_mean"]
