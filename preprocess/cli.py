@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     split = p.add_mutually_exclusive_group()
     split.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients for val (default: 0.2)")
     split.add_argument("--folds", type=int, help="k-fold split: number of folds (with --fold)")
-    split.add_argument("--split-file", help='JSON {"train": [patient ids], "val": [patient ids]}')
+    split.add_argument("--split-file", help='JSON {"train": [patients], "val": [patients]}; a patient is "5" or "MR-5"')
     p.add_argument("--fold", type=int, help="k-fold split: which fold is val (0-based)")
     p.add_argument("--qa", action="store_true", help="write OUT.qa/<case>.png with mask contours on a few slices")
     return p
@@ -146,8 +146,8 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> RunReport:
     """Discover, convert (skipping unchanged cases), drop stale ones, split by patient, finalize the store."""
     check_config(cfg)
     sources, failures = discover(cfg.src, cfg.modality, cfg.labels)
-    patients = {s.patient for s in sources if s.group == "train"} | {f.patient for f in failures if f.patient}
-    sides = split_patients(sorted(patients), cfg.split_config())
+    subjects = {s.subject for s in sources if s.group == "train"} | {f.subject for f in failures if f.subject}
+    sides = split_patients(sorted(subjects), cfg.split_config())
     writer = StoreWriter(cfg.out)
     writer.clean_partial()
     report = RunReport(failures=list(failures))
@@ -158,7 +158,7 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> RunReport:
         task = progress.add_task("preprocess", total=total, info=f"0/{len(sources)} cases")
         for done, res in enumerate(run_cases(cfg, sources, qa_dir), start=1):
             if res.status == "failed":
-                report.failures.append(Failure(res.case_id, res.path, res.reason, res.patient))
+                report.failures.append(Failure(res.case_id, res.path, res.reason, res.subject))
             else:
                 (report.written if res.status == "written" else report.skipped).append(res.case_id)
             if res.notes:
@@ -171,7 +171,7 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> RunReport:
         if cid not in wanted:
             writer.remove_case(cid)
             report.removed.append(cid)
-    present = {s.case_id: {"patient": s.patient, "labeled": s.labeled} for s in sources if s.case_id in wanted}
+    present = {s.case_id: {"subject": s.subject, "labeled": s.labeled} for s in sources if s.case_id in wanted}
     split = build_split(present, sides, cfg.split_config())
     report.root = writer.finalize(split, label_map(cfg.labels))
     return report

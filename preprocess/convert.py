@@ -31,7 +31,7 @@ class CaseResult:
     path: str = ""               # file at fault (failed)
     reason: str = ""             # one line (failed)
     notes: list[str] = field(default_factory=list)
-    patient: str | None = None
+    subject: str | None = None
 
 
 def case_fingerprint(src: CaseSource, labels: str) -> str:
@@ -100,23 +100,23 @@ def process_case(store_path: str, src: CaseSource, labels: str, qa_dir: str | No
         fingerprint = case_fingerprint(src, labels)
         qa_png = Path(qa_dir) / f"{src.case_id}.png" if qa_dir else None
         if writer.complete_fingerprint(src.case_id) == fingerprint and (qa_png is None or qa_png.is_file()):
-            return CaseResult(src.case_id, "skipped", n, patient=src.patient)
+            return CaseResult(src.case_id, "skipped", n, subject=src.subject)
         case = convert_case(src, labels, fingerprint)
         writer.write_case(case)
         if qa_png is not None:
             from .qa import write_qa
             write_qa(qa_png, case.image, case.mask, case.attrs["stats"], src.modality, src.case_id)
-        return CaseResult(src.case_id, "written", n, notes=case.attrs["notes"], patient=src.patient)
+        return CaseResult(src.case_id, "written", n, notes=case.attrs["notes"], subject=src.subject)
     except CaseError as e:
-        return CaseResult(src.case_id, "failed", n, path=rel_or_abs(e.path, src.root), reason=e.reason, patient=src.patient)
+        return CaseResult(src.case_id, "failed", n, path=rel_or_abs(e.path, src.root), reason=e.reason, subject=src.subject)
     except MemoryError:
-        return CaseResult(src.case_id, "failed", n, path=str(src.image_files[0].parent), reason="out of memory", patient=src.patient)
+        return CaseResult(src.case_id, "failed", n, path=str(src.image_files[0].parent), reason="out of memory", subject=src.subject)
     except OSError as e:
         return CaseResult(src.case_id, "failed", n, path=str(e.filename or store_path),
-                          reason=one_line(e.strerror or e), patient=src.patient)
+                          reason=one_line(e.strerror or e), subject=src.subject)
     except Exception as e:  # a library choking on odd input must not stop the other cases
         return CaseResult(src.case_id, "failed", n, path=str(src.image_files[0].parent),
-                          reason=f"unexpected error ({type(e).__name__}: {one_line(e, 200)})", patient=src.patient)
+                          reason=f"unexpected error ({type(e).__name__}: {one_line(e, 200)})", subject=src.subject)
 
 
 def rel_or_abs(path: str, root: Path) -> str:

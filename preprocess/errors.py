@@ -29,7 +29,7 @@ class Failure:
     case_id: str
     path: str
     reason: str
-    patient: str | None = None      # the labeled patient it belongs to (keeps the split stable), else None
+    subject: str | None = None      # labeled split unit it belongs to (``MR-5``), keeps the split stable
 
     def __str__(self) -> str:
         return f"{self.case_id}: {self.path}: {self.reason}"

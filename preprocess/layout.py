@@ -61,6 +61,11 @@ class CaseSource:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def subject(self) -> str:
+        """The split unit: ``MR-5`` / ``CT-3`` (CHAOS numbers CT and MR patients independently)."""
+        return f"{self.modality}-{self.patient}"
+
+    @property
     def labeled(self) -> bool:
         return self.mask_files is not None
 
@@ -148,8 +153,8 @@ def discover(src: str | os.PathLike, modality: str = "t1-in", labels: str = "liv
                 try:
                     cases.append(find_case(set_dir, patient_dir, layout, group))
                 except CaseError as e:
-                    patient = patient_dir.name if group == "train" else None  # labeled patients only (split)
-                    failures.append(Failure(case_id_for(patient_dir.name, layout, group), e.path, e.reason, patient))
+                    subject = f"{layout.modality}-{patient_dir.name}" if group == "train" else None
+                    failures.append(Failure(case_id_for(patient_dir.name, layout, group), e.path, e.reason, subject))
     if not cases and not failures:
         raise UsageError(f"{src}: no {modality} cases found (looked for CT/<patient>/ and MR/<patient>/ folders)")
     return cases, failures

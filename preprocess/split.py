@@ -1,7 +1,8 @@
 """Patient-level train/val split: a seeded fraction, k-fold, or a user's JSON file.
 
-A patient's cases (all sequences) always land in the same side; unlabeled (Test_Sets) cases are never
-split. The assignment depends only on the sorted patient ids and the seed.
+The unit is the subject ``<MODALITY>-<patient>`` (``MR-5``, ``CT-3``): CHAOS numbers its CT and MR patients
+independently, and a patient's sequences (T1 in/out, T2) always land on the same side. Unlabeled
+(Test_Sets) cases are never split. The assignment depends only on the sorted subjects and the seed.
 """
 
 from __future__ import annotations
@@ -76,8 +77,11 @@ def val_count(n: int, fraction: float) -> int:
     return min(max(int(round(n * fraction)), 1), n - 1)
 
 
-def read_split_file(path: Path, patients: list[str]) -> tuple[list[str], list[str]]:
-    """``{"train": [patient ids], "val": [...]}``; every labeled patient must appear exactly once."""
+def read_split_file(path: Path, subjects: list[str]) -> tuple[list[str], list[str]]:
+    """``{"train": [...], "val": [...]}`` of patients (``"5"``: that number in every modality, or ``"MR-5"``).
+
+    Every labeled subject must end up on exactly one side.
+    """
     try:
         data = json.loads(path.read_text())
     except OSError as e:
@@ -86,24 +90,32 @@ def read_split_file(path: Path, patients: list[str]) -> tuple[list[str], list[st
         raise UsageError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("train", "val")):
         raise UsageError(f'{path}: expected {{"train": [patient ids], "val": [patient ids]}}')
-    train, val = [str(p) for p in data["train"]], [str(p) for p in data["val"]]
-    both = sorted(set(train) & set(val), key=natural_key)
+    sides = {name: resolve_subjects(path, [str(p) for p in data[name]], subjects) for name in ("train", "val")}
+    both = sorted(set(sides["train"]) & set(sides["val"]), key=natural_key)
     if both:
         raise UsageError(f"{path}: patients in both train and val: {', '.join(both)}")
-    unknown = sorted(set(train + val) - set(patients), key=natural_key)
-    if unknown:
-        raise UsageError(f"{path}: unknown patients: {', '.join(unknown)} (have: {', '.join(patients)})")
-    missing = [p for p in patients if p not in set(train + val)]
+    missing = [s for s in subjects if s not in set(sides["train"] + sides["val"])]
     if missing:
         raise UsageError(f"{path}: patients in neither train nor val: {', '.join(missing)}")
-    return train, val
+    return sides["train"], sides["val"]
+
+
+def resolve_subjects(path: Path, entries: list[str], subjects: list[str]) -> list[str]:
+    """Split-file entries → subjects: exact (``MR-5``) or by patient number in any modality (``5``)."""
+    out: list[str] = []
+    for entry in entries:
+        hits = [s for s in subjects if s == entry or s.split("-", 1)[1] == entry]
+        if not hits:
+            raise UsageError(f"{path}: unknown patient {entry!r} (have: {', '.join(subjects)})")
+        out.extend(h for h in hits if h not in out)
+    return out
 
 
 def build_split(cases: dict[str, dict[str, Any]], sides: tuple[list[str], list[str]], cfg: SplitConfig) -> dict[str, Any]:
     """The split stored in the root: case ids per side, plus patients, seed and method.
 
-    ``cases`` maps case id → attributes with ``patient`` and ``labeled``; ``sides`` is the
-    ``split_patients`` result over all labeled patients found (so a failed case shifts no one).
+    ``cases`` maps case id → ``subject`` and ``labeled``; ``sides`` is the ``split_patients`` result over
+    all labeled subjects found (so a failed case shifts no one).
     """
     train_p, val_p = sides
     side = {p: "train" for p in train_p} | {p: "val" for p in val_p}
@@ -112,7 +124,7 @@ def build_split(cases: dict[str, dict[str, Any]], sides: tuple[list[str], list[s
         info = cases[cid]
         if not info.get("labeled"):
             out["unlabeled"].append(cid)
-        elif str(info.get("patient")) in side:
-            out[side[str(info["patient"])]].append(cid)
+        elif info.get("subject") in side:
+            out[side[info["subject"]]].append(cid)
     out.update(seed=cfg.seed, method=cfg.method(), patients={"train": list(train_p), "val": list(val_p)})
     return out

@@ -116,8 +116,10 @@ def test_all_modalities_organs_parallel(cohort, tmp_path):
     side = {}
     for name in ("train", "val"):
         for cid in split[name]:
-            assert side.setdefault(store.info(cid).attrs["patient"], name) == name
-    assert sorted(side) == ["1", "10", "2", "21", "3", "4", "5"]
+            attrs = store.info(cid).attrs
+            assert side.setdefault(f"{attrs['modality']}-{attrs['patient']}", name) == name
+    assert set(side) == {"MR-1", "MR-2", "MR-5", "MR-10", "MR-21", "CT-3", "CT-4"}
+    assert set(side) == set(split["patients"]["train"] + split["patients"]["val"])
     assert len(split["patients"]["val"]) == 1 and split["seed"] == 3 and split["method"] == "fraction:0.2"
     for f in out.rglob("zarr.json"):
         assert "Secret" not in f.read_text()                    # no patient names from the DICOM headers
@@ -132,7 +134,7 @@ def test_split_is_deterministic_kfold_and_file(cohort, tmp_path):
     a, b = split("--seed", "5"), split("--seed", "5")
     assert a == b and len(a["patients"]["val"]) == 1
     folds = [split("--folds", "2", "--fold", str(i))["patients"]["val"] for i in range(2)]
-    assert sorted(folds[0] + folds[1]) == ["1", "10", "2", "21", "5"] and set(folds[0]).isdisjoint(folds[1])
+    assert set(folds[0] + folds[1]) == {"MR-1", "MR-2", "MR-5", "MR-10", "MR-21"} and set(folds[0]).isdisjoint(folds[1])
     spec = tmp_path / "split.json"
     spec.write_text(json.dumps({"train": ["1", "2", "5"], "val": [10, "21"]}))
     s = split("--split-file", str(spec))

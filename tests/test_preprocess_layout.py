@@ -77,7 +77,7 @@ def test_count_mismatch_fails_with_both_counts(tmp_path):
     cases, failures = discover(tmp_path, "ct")
     assert cases == []
     (f,) = failures
-    assert f.case_id == "CT-7" and f.patient == "7"
+    assert f.case_id == "CT-7" and f.subject == "CT-7"
     assert "5 DICOM files" in f.reason and "4 PNGs" in f.reason
 
 
