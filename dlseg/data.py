@@ -10,6 +10,8 @@ the :class:`EpochSampler` orders an epoch so that a worker touches only a few ca
   the whole split there is one block, i.e. a plain shuffle.
 * the order is a pure function of (seed, epoch); ``set_epoch`` selects the epoch (Accelerate calls it,
   and shards the batches across processes with ``BatchSamplerShard``: each process takes every N-th batch).
+  The epoch lives in the dataset (in shared memory, so persistent workers see it): Accelerate reaches it
+  through ``dataset.set_epoch`` when ``skip_first_batches`` hides the sampler one level deeper.
 * ``oversample_foreground=p > 0`` makes a fraction p of the epoch's draws slices with foreground (each such
   slice drawn ``floor``/``ceil`` of its share), the rest slices without; the epoch length stays ``len(dataset)``.
 
@@ -183,6 +185,7 @@ class SliceDataset(Dataset):
         self._seeded = isinstance(transform, SeededTransform)
         self.seed = int(seed)
         self.depths, self.index, self.foreground = _slice_index(Store(store_path), self.case_ids)
+        self._rows = self.index.tolist()  # per-item (case, z) as Python ints: cheaper than numpy row access
         self.cache = CaseCache(store_path, cfg.size, norm_config(cfg), cfg.cache_mb * MB)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by persistent workers
 
@@ -211,7 +214,7 @@ class SliceDataset(Dataset):
         return int(self.cache.budget_bytes // max(self.case_bytes(), 1))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        c, z = (int(v) for v in self.index[i])
+        c, z = self._rows[i]
         case = self.cache.get(self.case_ids[c])
         image = self._channels(case.image, z)
         mask = case.mask[z]
@@ -281,7 +284,6 @@ class EpochSampler(Sampler[int]):
         self.block_cases = block_cases if block_cases is not None else max(2, dataset.cases_per_cache())
         self.case_of = dataset.index[:, 0]
         self.foreground = np.asarray(dataset.foreground, dtype=bool)
-        self.epoch = 0
         self._check_oversampling()
 
     def _check_oversampling(self) -> None:
@@ -297,10 +299,14 @@ class EpochSampler(Sampler[int]):
     def _n_foreground_draws(self) -> int:
         return int(round(self.oversample_foreground * len(self))) if self.oversample_foreground > 0 else 0
 
+    @property
+    def epoch(self) -> int:
+        """The epoch ``__iter__`` yields: the dataset's (one value for order and augmentation seeds)."""
+        return self.dataset.epoch
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order ``__iter__`` yields; also sets the dataset's augmentation epoch."""
-        self.epoch = int(epoch)
-        self.dataset.set_epoch(self.epoch)
+        """Select the epoch (Accelerate calls this, or ``dataset.set_epoch`` when it wraps the sampler deeper)."""
+        self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.case_of)

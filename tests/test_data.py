@@ -339,7 +339,7 @@ def test_oversampling_refuses_what_the_data_cannot_give(tiny_store):
 
 
 def test_accelerate_shards_are_disjoint_and_cover_each_epoch(tiny_store):
-    from accelerate.data_loader import BatchSamplerShard, prepare_data_loader
+    from accelerate.data_loader import BatchSamplerShard, prepare_data_loader, skip_first_batches
 
     cfg = _cfg(batch_size=3)
     loader = build_train_loader(tiny_store, cfg, seed=5)
@@ -360,6 +360,12 @@ def test_accelerate_shards_are_disjoint_and_cover_each_epoch(tiny_store):
         assert got[0] == [i for b in range(0, n_used // cfg.batch_size, 2)
                           for i in expected[b * 3:(b + 1) * 3].tolist()]
     assert sampler.epoch == 1
+    # resuming mid-epoch: skip_first_batches still selects the epoch (through dataset.set_epoch)
+    sampler.set_epoch(5)
+    skipped = skip_first_batches(shards[0], 1)
+    skipped.set_epoch(1)
+    resumed = [int(k) for batch in skipped for k in _item_ids(ds, batch)]
+    assert resumed == got[0][cfg.batch_size:]
     shard_sampler = BatchSamplerShard(shards[0].batch_sampler.batch_sampler, num_processes=2, process_index=1)
     assert len(shard_sampler) == n_batches // 2
 
@@ -429,3 +435,19 @@ def test_items_match_on_the_synthetic_store(request):
         item = ds[z]
         np.testing.assert_array_equal(item["image"][1].numpy(), vol[z])
         np.testing.assert_array_equal(item["mask"].numpy(), mask[z])
+
+
+def global_rng_noise(image, mask):
+    """A transform on numpy's global RNG (no seeding hook): relies on the loader's worker seeding."""
+    return np.full_like(image, np.random.random()), mask
+
+
+def test_workers_seed_global_rngs_from_the_loader_seed(tiny_store):
+    def draws(seed):
+        loader = build_train_loader(tiny_store, _cfg(workers=2, persistent_workers=False, prefetch_factor=1),
+                                    seed=seed, transform=global_rng_noise)
+        return [float(b["image"][0, 0, 0, 0]) for b in loader][:2]  # batch 0 from worker 0, batch 1 from worker 1
+
+    a = draws(3)
+    assert a == draws(3)
+    assert a[0] != a[1] and a != draws(4)
