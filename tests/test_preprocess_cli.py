@@ -82,6 +82,25 @@ def test_synthetic_store_round_trip(synthetic_root, synthetic_store):
     assert set(split["train"]).isdisjoint(split["val"]) and sorted(split["train"] + split["val"]) == store.cases
 
 
+def test_synthetic_all_modalities_round_trip(synthetic_root, tmp_path):
+    out = tmp_path / "all.zarr"
+    report = run_args(synthetic_root, out, "--modality", "all", "--labels", "organs")
+    assert report.failures == [] and report.exit_code == 0
+    store = Store(out)
+    orders = {}
+    for cid in store.cases:
+        info = store.info(cid)
+        root = synthetic_root / ("Test_Sets" if info.attrs["group"] == "unlabeled" else "Train_Sets")
+        assert_round_trip(store, cid, root, info.attrs["modality"])
+        orders.setdefault((info.attrs["sequence"], info.attrs["order"]), 0)
+        assert info.attrs["direction"][8] < 0                 # file order runs against ImagePositionPatient z
+        assert info.attrs["notes"] == []
+    assert {k[0] for k in orders} == {"ct", "t1-in", "t1-out", "t2"}
+    assert ("t1-in", "stem") in orders and ("t1-out", "position") in orders and ("ct", "position") in orders
+    ct = [c for c in store.cases if c.startswith("CT-")]
+    assert all(store.read_case(c)[0].dtype == np.int16 and store.read_case(c)[0].min() >= -1024 for c in ct)
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """Hand-made CHAOS tree: 5 MR patients (3 sequences), 2 CT patients, 1 MR test patient."""
