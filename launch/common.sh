@@ -1,0 +1,231 @@
+# shellcheck shell=bash
+# Shared helpers for launch/*.sbatch (sourced, never run). Nothing site-specific lives here: the job scripts hold
+# the settings a site edits.
+#
+# Preemption protocol (see README, "SLURM"): Slurm sends USR1 to the batch shell (`--signal=B:USR1@SECONDS`, or
+# `scancel --signal=USR1 --batch JOBID`). The shell forwards it to the trainer processes, which finish their step,
+# save a checkpoint and exit with EXIT_PREEMPTED (75). The launcher (`accelerate launch`) turns any worker failure
+# into its own status 1, so the trainer also leaves RUN/PREEMPTED; the shell requeues when it sees either, and the
+# requeued job passes `--resume auto` and continues from the newest complete checkpoint.
+
+DLSEG_EXIT_PREEMPTED=75      # dlseg.trainer.EXIT_PREEMPTED
+DLSEG_PREEMPTED_MARKER=PREEMPTED  # dlseg.trainer.PREEMPTED_MARKER, written in the run folder with exit 75
+DLSEG_PREEMPT_SIGNAL=""   # set to the signal name once the batch shell / node wrapper got USR1 or TERM
+DLSEG_CHILD=""            # PID of the launcher started by dlseg_run_trainer
+DLSEG_FORWARD_TO=children # forward signals to the launcher's children (trainer ranks), or "self" (e.g. srun)
+
+dlseg_log() {
+    # Timestamped message on stderr (goes to the job's log).
+    echo "[$(date -u +%Y-%m-%dT%H:%M:%SZ) dlseg ${SLURM_JOB_ID:-local}/${SLURM_RESTART_COUNT:-0}] $*" >&2
+}
+
+dlseg_die() {
+    # One-line error and exit status 2 (unusable arguments/config).
+    dlseg_log "error: $*"
+    exit 2
+}
+
+dlseg_restart_count() { echo "${SLURM_RESTART_COUNT:-0}"; }
+
+dlseg_job_tag() {
+    # JOBID, or ARRAYJOBID_TASKID inside a job array.
+    if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+        echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    else
+        echo "${SLURM_JOB_ID:-local}"
+    fi
+}
+
+dlseg_log_to() {
+    # dlseg_log_to DIR: send all further output of this shell to DIR/slurm-<job>-restart<N>.log.
+    local dir=$1 file
+    mkdir -p "$dir" || dlseg_die "$dir: cannot create the log folder"
+    file="$dir/slurm-$(dlseg_job_tag)-restart$(dlseg_restart_count).log"
+    echo "dlseg: log of job $(dlseg_job_tag) restart $(dlseg_restart_count) -> $file"
+    exec >>"$file" 2>&1
+}
+
+dlseg_activate() {
+    # Run the site's environment setup (module loads, venv/conda activation) given as a shell snippet.
+    local setup=$1
+    if [[ -n $setup ]]; then
+        dlseg_log "environment: $setup"
+        eval "$setup" || dlseg_die "environment setup failed: $setup"
+    fi
+    command -v accelerate >/dev/null || dlseg_die "accelerate not found on PATH (set DLSEG_ENV_SETUP)"
+}
+
+dlseg_processes_per_node() {
+    # Processes per node: explicit value, else the GPUs Slurm gave this node, else 1.
+    local explicit=$1 gpus=${SLURM_GPUS_ON_NODE:-}
+    if [[ -n $explicit ]]; then echo "$explicit"; return; fi
+    if [[ -z $gpus && -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
+        gpus=$(tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c .)
+    fi
+    [[ $gpus =~ ^[1-9][0-9]*$ ]] && echo "$gpus" || echo 1
+}
+
+dlseg_workers() {
+    # Data-loader workers per process from the task's CPUs: CPUs/processes - 1 (one CPU for the process itself).
+    local explicit=$1 procs=$2 cpus=${SLURM_CPUS_PER_TASK:-}
+    if [[ -n $explicit ]]; then echo "$explicit"; return; fi
+    [[ $cpus =~ ^[0-9]+$ ]] || { echo ""; return; }
+    local w=$((cpus / procs - 1))
+    ((w < 0)) && w=0
+    echo "$w"
+}
+
+dlseg_dist_env() {
+    # Collective timeouts so a dead rank makes the others fail with a message instead of hanging (site may override).
+    local timeout_s=$1 cpus=${SLURM_CPUS_PER_TASK:-1} procs=$2
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}  # abort the communicator on errors
+    export TORCH_NCCL_BLOCKING_WAIT=${TORCH_NCCL_BLOCKING_WAIT:-0}
+    export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-0}
+    export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-$timeout_s}  # watchdog kills a stuck rank
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    local threads=$((cpus / procs))
+    ((threads < 1)) && threads=1
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
+    export PYTHONUNBUFFERED=1
+}
+
+_dlseg_on_signal() {
+    # Trap handler: remember the preemption and pass it on as USR1 (the trainer's save-and-exit signal).
+    local sig=$1
+    DLSEG_PREEMPT_SIGNAL=$sig
+    dlseg_log "got SIG$sig: asking the trainer to save and exit"
+    _dlseg_forward USR1
+}
+
+_dlseg_forward() {
+    # Send a signal to the launcher's child processes (the trainer ranks, or srun's tasks).
+    local sig=$1 kids
+    [[ -n $DLSEG_CHILD ]] || return 0
+    if [[ $DLSEG_FORWARD_TO == self ]]; then
+        kill -s "$sig" "$DLSEG_CHILD" 2>/dev/null || true
+        return 0
+    fi
+    kids=$(pgrep -P "$DLSEG_CHILD" 2>/dev/null || true)
+    if [[ -n $kids ]]; then
+        # shellcheck disable=SC2086
+        kill -s "$sig" $kids 2>/dev/null || true
+    fi
+}
+
+dlseg_run_trainer() {
+    # dlseg_run_trainer CMD...: run CMD in the background, pass USR1/TERM that this shell gets on to it as USR1, and
+    # return CMD's exit status. The launcher (accelerate launch) ignores USR1, which would otherwise kill it: only
+    # the trainer ranks, its children, act on it. With DLSEG_FORWARD_TO=self, CMD itself (srun) gets the signal.
+    trap '_dlseg_on_signal USR1' USR1
+    trap '_dlseg_on_signal TERM' TERM
+    if [[ $DLSEG_FORWARD_TO == self ]]; then
+        "$@" &
+    else
+        (trap '' USR1; exec "$@") &
+    fi
+    DLSEG_CHILD=$!
+    local rc again
+    while :; do
+        wait "$DLSEG_CHILD"
+        rc=$?
+        ((rc > 128)) || break                       # a real exit status
+        kill -0 "$DLSEG_CHILD" 2>/dev/null && continue  # wait was interrupted by a trapped signal: keep waiting
+        wait "$DLSEG_CHILD" 2>/dev/null; again=$?        # it ended meanwhile: fetch its status if not yet taken
+        ((again != 127)) && rc=$again
+        break
+    done
+    trap - USR1 TERM
+    DLSEG_CHILD=""
+    return "$rc"
+}
+
+dlseg_was_preempted() {
+    # dlseg_was_preempted RC RUN: the trainer saved and stopped for a preemption: it exited 75, or (behind a
+    # launcher that reports any worker failure as 1) it left RUN/PREEMPTED.
+    local rc=$1 run=$2
+    ((rc != 0)) || return 1
+    ((rc == DLSEG_EXIT_PREEMPTED)) || [[ -f $run/$DLSEG_PREEMPTED_MARKER ]]
+}
+
+dlseg_finish_training() {
+    # dlseg_finish_training RC MAX_RESTARTS RUN: requeue a preempted job (bounded), else exit with the trainer's status.
+    local rc=$1 max=$2 run=$3 restarts
+    restarts=$(dlseg_restart_count)
+    if dlseg_was_preempted "$rc" "$run"; then
+        if [[ -z ${SLURM_JOB_ID:-} ]]; then
+            dlseg_log "preempted (exit $rc) outside Slurm: rerun the same command to resume"
+            exit "$DLSEG_EXIT_PREEMPTED"
+        fi
+        if ((restarts >= max)); then
+            dlseg_log "preempted (exit $rc) but already restarted $restarts times (MAX_RESTARTS=$max): not requeueing"
+            exit "$DLSEG_EXIT_PREEMPTED"
+        fi
+        dlseg_log "preempted (exit $rc): state saved, requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
+        scontrol requeue "$SLURM_JOB_ID" || { dlseg_log "scontrol requeue failed"; exit "$DLSEG_EXIT_PREEMPTED"; }
+        exit 0
+    fi
+    if ((rc == 0)); then
+        dlseg_log "training finished"
+    elif [[ -n $DLSEG_PREEMPT_SIGNAL ]]; then
+        dlseg_log "training failed with exit status $rc after SIG$DLSEG_PREEMPT_SIGNAL, without saving: not requeued"
+    else
+        dlseg_log "training failed with exit status $rc"
+    fi
+    exit "$rc"
+}
+
+dlseg_port() {
+    # A rendezvous port that differs between jobs (and restarts) sharing a node: 20000-59999.
+    echo $((20000 + (${SLURM_JOB_ID:-0} % 10000) * 4 + ${SLURM_RESTART_COUNT:-0} % 4))
+}
+
+dlseg_node_main() {
+    # Per-node entry of train_multinode.sbatch (one srun task per node): `accelerate launch` with this node's
+    # machine rank. A node whose trainer stopped for a preemption exits 0, so that srun --kill-on-bad-exit does not
+    # cut short the other nodes' save; the batch shell decides about the requeue from the run folder's marker.
+    [[ -n ${SLURM_NODEID:-} ]] || dlseg_die "dlseg_node_main must run inside srun (SLURM_NODEID unset)"
+    local rc=0
+    dlseg_run_trainer accelerate launch --machine_rank "$SLURM_NODEID" "$@" || rc=$?
+    if ((rc != 0)) && { ((rc == DLSEG_EXIT_PREEMPTED)) || [[ -n $DLSEG_PREEMPT_SIGNAL ]]; }; then
+        dlseg_log "node $SLURM_NODEID: trainer stopped after SIG${DLSEG_PREEMPT_SIGNAL:-?} (launcher exit $rc)"
+        exit 0
+    fi
+    ((rc == 0)) || dlseg_log "node $SLURM_NODEID: accelerate launch failed with exit status $rc"
+    exit "$rc"
+}
+
+dlseg_shard_input() {
+    # dlseg_shard_input INPUT I N DEST: a CHAOS tree under DEST holding links to every N-th patient folder of INPUT
+    # (per Train_Sets|Test_Sets / CT|MR folder, sorted), starting with the I-th; prints DEST. Other inputs: error.
+    local input=$1 index=$2 count=$3 dest=$4 sets=() set mod patient name rel n kept=0
+    input=$(cd "$input" 2>/dev/null && pwd -P) || { dlseg_log "error: INPUT=$1: no such folder"; return 2; }
+    for name in Train_Sets Test_Sets; do [[ -d $input/$name ]] && sets+=("$name"); done
+    if ((${#sets[@]} == 0)); then
+        if [[ -d $input/CT || -d $input/MR ]]; then sets=(.); else
+            dlseg_log "error: INPUT=$input: an array split needs a CHAOS tree (Train_Sets/, Test_Sets/ or CT/, MR/);" \
+                "predict other inputs with a single job"
+            return 2
+        fi
+    fi
+    { rm -rf "$dest" && mkdir -p "$dest"; } || { dlseg_log "error: $dest: cannot create"; return 2; }
+    for set in "${sets[@]}"; do
+        for mod in CT MR; do
+            [[ -d $input/$set/$mod ]] || continue
+            n=0
+            for patient in "$input/$set/$mod"/*/; do
+                [[ -d $patient ]] || continue
+                if ((n % count == index)); then
+                    rel="$set/$mod/$(basename "$patient")"
+                    mkdir -p "$dest/$set/$mod"
+                    ln -s "${patient%/}" "$dest/$rel"
+                    kept=$((kept + 1))
+                fi
+                n=$((n + 1))
+            done
+        done
+    done
+    # a CHAOS-looking root even when this shard got no patient (predict then reports no cases)
+    mkdir -p "$dest/${sets[0]}/MR"
+    dlseg_log "array task $index of $count: $kept patient folder(s) of $input"
+    echo "$dest"
+}
