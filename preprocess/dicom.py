@@ -228,6 +228,8 @@ def read_series(files: list[str | os.PathLike]) -> Volume:
     skipped: list[Path] = []
     for path in files:
         ds = read_dataset(path)
+        if not sop_class_name(ds) and "PixelData" not in ds:
+            raise CaseError(path, "DICOM file with neither SOP class nor pixel data (truncated or damaged)")
         if not is_image(ds):
             skipped.append(path)
             continue

@@ -124,6 +124,9 @@ def test_not_dicom_and_no_images(tmp_path):
     junk = tmp_path / "junk.dcm"
     junk.write_text("hello")
     assert _one_line_error([junk]) == f"{junk}: not a DICOM file (no DICM header)"
+    hollow = tmp_path / "hollow.dcm"
+    hollow.write_bytes(b"\0" * 128 + b"DICM")
+    assert _one_line_error([hollow]) == f"{hollow}: DICOM file with neither SOP class nor pixel data (truncated or damaged)"
     sr = write_sr(tmp_path / "only.dcm")
     assert "no image slices among 1 DICOM files" in _one_line_error([sr])
 
