@@ -206,3 +206,32 @@ def test_bad_masks_fail_with_file(tmp_path):
     cv2.imwrite(str(color), np.zeros((4, 4, 3), np.uint8))
     with pytest.raises(CaseError, match="8-bit grayscale"):
         read_masks([color], "CT", "liver")
+
+
+def test_unsupported_pixel_layouts_are_one_line(tmp_path):
+    rgb = get_testdata_file("SC_rgb_rle.dcm")
+    assert _one_line_error([rgb]) == f"{rgb}: color image (SamplesPerPixel=3); expected grayscale"
+    _, (multi, lut) = series(tmp_path, n=2)
+    ds = pydicom.dcmread(multi)
+    ds.NumberOfFrames = 2
+    ds.PixelData = ds.PixelData * 2
+    ds.save_as(multi)
+    assert "multi-frame DICOM (2 frames) is not supported" in _one_line_error([multi])
+    ds = pydicom.dcmread(lut)
+    ds.ModalityLUTSequence = [pydicom.Dataset()]
+    ds.save_as(lut)
+    assert "Modality LUT Sequence is not supported" in _one_line_error([lut])
+
+
+def test_missing_geometry_tags_give_defaults_and_notes(tmp_path):
+    _, files = series(tmp_path, n=2)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness"):
+            delattr(ds, tag)
+        ds.save_as(f)
+    v = read_series(files)
+    assert v.spacing == (1.0, 1.0, 1.0) and v.positions is None and v.origin == (0.0, 0.0, 0.0)
+    assert v.direction == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    assert v.warnings == ["no PixelSpacing; in-plane spacing set to 1 mm",
+                          "no slice positions, SpacingBetweenSlices or SliceThickness; slice spacing set to 1 mm"]
