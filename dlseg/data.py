@@ -66,9 +66,12 @@ def norm_config(cfg: DataConfig) -> NormConfig:
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Augmentation seed of one sample: a pure function of (run seed, epoch, dataset index)."""
-    entropy = [int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch), int(index)]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    """Augmentation seed of one sample: a pure function of (run seed, epoch, dataset index), 32 bits.
+
+    Python's hash of a tuple of ints is fixed (no hash randomization for ints) and costs ~0.1 µs, against
+    ~20 µs for a SeedSequence; the transform's generator mixes the seed again.
+    """
+    return hash((int(seed), int(epoch), int(index))) & 0xFFFFFFFF
 
 
 @runtime_checkable
