@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m preprocess",
         description="Convert a CHAOS-layout cohort (DICOM + ground-truth PNGs) into one Zarr store.",
     )
-    p.add_argument("src", help="folder holding Train_Sets/ (or Train_Sets/ itself, a folder with CT/ and/or MR/, or Test_Sets/)")
-    p.add_argument("out", help="output store, e.g. data/chaos.zarr (re-running resumes and skips unchanged cases)")
+    p.add_argument("src", metavar="SRC", help="folder holding Train_Sets/ (or Train_Sets/ itself, a folder with CT/ and/or MR/, or Test_Sets/)")
+    p.add_argument("out", metavar="OUT.zarr", help="output store, e.g. data/chaos.zarr (re-running resumes and skips unchanged cases)")
     p.add_argument("--modality", choices=MODALITIES, default="t1-in", help="sequence(s) to convert (default: t1-in)")
     p.add_argument("--labels", choices=LABELS, default="liver", help="liver: 0/1; organs: 0..4 (default: liver)")
     p.add_argument("--workers", type=int, default=default_workers(), help="parallel processes (default: CPU cores, max 8)")
@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         report = run(cfg)
     except (UsageError, StoreError) as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except OSError as e:  # e.g. OUT cannot be created or written
+        err_console.print(f"[bold red]error:[/] {escape(f'{e.filename or cfg.out}: {e.strerror or e}')}",
+                          highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         err_console.print("interrupted; re-run the same command to resume", highlight=False)

@@ -252,6 +252,7 @@ def test_bad_cases_fail_alone_exit_1(tmp_path, capsys):
     (["{cohort}", "{tmp}/o.zarr", "--val-fraction", "1.5"], "--val-fraction 1.5"),
     (["{cohort}", "{tmp}/notastore"], "not a Zarr store"),
     (["{cohort}", "{tmp}/o.zarr", "--modality", "pet"], "invalid choice"),
+    (["{cohort}", "{tmp}/notastore/keep.txt/o.zarr"], "keep.txt/o.zarr: Not a directory"),
 ])
 def test_unusable_arguments_exit_2(cohort, tmp_path, capsys, args, message):
     (tmp_path / "notastore").mkdir()
