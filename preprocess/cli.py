@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -124,10 +125,15 @@ def run_cases(cfg: PreprocessConfig, sources: list[CaseSource], qa_dir: str | No
             yield process_case(cfg.out, src, cfg.labels, qa_dir)
         return
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(process_case, cfg.out, src, cfg.labels, qa_dir) for src in sources]
+        futures = {pool.submit(process_case, cfg.out, src, cfg.labels, qa_dir): src for src in sources}
         try:
             for fut in as_completed(futures):
-                yield fut.result()
+                try:
+                    yield fut.result()
+                except BrokenProcessPool:  # a worker was killed (e.g. by the kernel's OOM killer)
+                    src = futures[fut]
+                    yield CaseResult(src.case_id, "failed", len(src.image_files), path=src.relative(src.image_files[:1])[0],
+                                     reason="worker process died (killed, or out of memory); re-run to retry", subject=src.subject)
         except BaseException:
             for fut in futures:
                 fut.cancel()
