@@ -274,7 +274,7 @@ def draw_anatomy(rng: np.random.Generator) -> Anatomy:
                      if rng.uniform() < 0.8 else None),
         heart=Ellipsoid((u(0.0, 0.2), u(-0.45, -0.25), top - u(0.02, 0.08)), (u(0.3, 0.4), u(0.3, 0.4), u(0.1, 0.14)),
                         u(-0.5, 0.0)),
-        bowel_field=RBFField.draw(rng, (9, 12, 12)), gas_field=RBFField.draw(rng, (8, 10, 10)),
+        bowel_field=RBFField.draw(rng, (10, 16, 16)), gas_field=RBFField.draw(rng, (8, 10, 10)),
         rib_phase=u(0, 2 * np.pi),
     )
 
@@ -434,7 +434,7 @@ def _add_table(an: Anatomy, grid: Grid, tissue: np.ndarray) -> None:
     """The CT couch: a curved plate under the patient's back."""
     back = an.cy + an.b * 0.92 * (1 + abs(an.taper) / 2) + 6.0
     xr = grid.x[None, :] - an.cx
-    top = back + 6.0 + 0.0015 * xr ** 2
+    top = back + 6.0 + 0.0006 * xr ** 2
     plate = (grid.y[:, None] > top) & (grid.y[:, None] < top + 7.0) & (np.abs(xr) < 1.1 * an.a)
     tissue[:, plate & (tissue[0] == T.AIR)] = T.TABLE
 
@@ -465,6 +465,8 @@ def draw_contrast(rng: np.random.Generator) -> Contrast:
     t2 = T2_SIGNAL * rng.uniform(0.88, 1.12, n).astype(np.float32)
     t2[T.SPLEEN] = t2[T.LIVER] * rng.uniform(1.4, 2.1)
     t2[T.BOWEL] = t2[T.LIVER] * rng.uniform(0.9, 1.5)
+    t2[T.MUSCLE] = t2[T.LIVER] * rng.uniform(0.65, 0.95)
+    t2[T.STOMACH_WALL] = t2[T.LIVER] * rng.uniform(0.9, 1.3)
     hu = CT_HU + rng.uniform(-10, 10, n).astype(np.float32)
     portal = rng.uniform() < 0.75                      # portal-venous phase, else late/unenhanced-looking
     hu[T.LIVER] = rng.uniform(95, 135) if portal else rng.uniform(55, 80)
@@ -692,7 +694,8 @@ class PatientJob:
     def rng(self) -> np.random.Generator:
         """This patient's own random stream."""
         code = 1 if self.modality == "CT" else 0
-        return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.spec.seed, code, self.patient])))
+        entropy = [self.spec.seed, code, self.patient, int(self.test)]
+        return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
 
 
 def patient_ids(modality: str, train: int, test: int) -> tuple[list[int], list[int]]:
@@ -855,32 +858,41 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _error(message: str) -> None:
+    """Print one error line (no traceback)."""
+    from dlseg.console import err_console
+
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: returns 0 on success, 2 for unusable arguments, 1 when writing failed."""
+    """Entry point: 0 on success, 2 for unusable arguments, 1 when writing failed."""
     import time
 
-    from dlseg.console import console, fail, make_progress
+    from dlseg.console import console, make_progress
 
     try:
         args = _parser().parse_args(argv)
-    except SystemExit as e:       # argparse already printed its one-line usage error
-        return int(e.code or 0)
+    except SystemExit as e:       # argparse printed its usage line; --help exits 0
+        return 0 if e.code in (0, None) else 2
     try:
         spec = CohortSpec(args.patients, args.modality, args.seed, tuple(args.size), tuple(args.slices),
                           args.test_patients)
     except ConfigError as e:
-        fail(str(e), 2)
+        _error(str(e))
+        return 2
     jobs = plan(spec)
     start, slices = time.perf_counter(), 0
     try:
-        with make_progress(unit="patients") as progress:
+        with make_progress(unit="patients", transient=True) as progress:
             task = progress.add_task("synthetic", total=len(jobs), info="")
             for job in jobs:
                 progress.update(task, info=str(job.folder))
                 slices += write_patient(job, args.out_dir)
                 progress.advance(task)
     except OSError as e:
-        fail(f"{args.out_dir}: {e}", 1)
+        _error(f"{e.filename or args.out_dir}: cannot write the cohort ({e.strerror or e})")
+        return 1
     n_ct = sum(j.modality == "CT" for j in jobs)
     console.print(f"wrote {len(jobs)} patients ({n_ct} CT, {len(jobs) - n_ct} MR; "
                   f"{sum(j.test for j in jobs)} in Test_Sets), {slices} DICOM slices to {args.out_dir} "
