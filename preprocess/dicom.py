@@ -23,9 +23,10 @@ from .layout import natural_key, natural_sorted
 JPEG_EXTRA = 'pip install "dlseg[jpeg]"'
 # Objects that may carry Rows/Columns or even pixel data but are not slices of an image series.
 NON_IMAGE_MODALITIES = frozenset({"SR", "PR", "KO", "DOC", "RTPLAN", "RTSTRUCT", "RTDOSE", "RTRECORD", "SEG", "REG"})
+# What header-only reads keep: enough for is_image, find_series and header_meta.
 HEADER_TAGS = [
     "SOPClassUID", "Modality", "Rows", "Columns", "SeriesInstanceUID", "SeriesNumber", "ImagePositionPatient",
-    "ImageOrientationPatient", "InstanceNumber",
+    "ImageOrientationPatient", "InstanceNumber", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
 ]
 INT16_MIN, INT16_MAX = -32768, 32767
 

@@ -235,3 +235,10 @@ def test_missing_geometry_tags_give_defaults_and_notes(tmp_path):
     assert v.direction == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
     assert v.warnings == ["no PixelSpacing; in-plane spacing set to 1 mm",
                           "no slice positions, SpacingBetweenSlices or SliceThickness; slice spacing set to 1 mm"]
+
+
+def test_header_only_read_keeps_the_geometry(tmp_path):
+    from preprocess.dicom import header_meta, read_dataset
+
+    _, (path,) = series(tmp_path, n=1)
+    assert header_meta(read_dataset(path, header_only=True)) == header_meta(read_dataset(path))
