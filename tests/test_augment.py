@@ -384,3 +384,13 @@ def test_defaults_are_the_articles():
     names = [type(s).__name__ for s in build_cpu_transform(cfg).transforms]
     assert names == ["HorizontalFlip", "VerticalFlip", "Transpose", "Affine", "RandomRotate90",
                      "NormalizedBrightnessContrast"]
+
+
+def test_cpu_transform_survives_pickling_for_worker_processes():
+    import pickle
+
+    img, mask = coded_image(), label_mask()
+    t = build_cpu_transform(AugmentConfig(), seed=9)
+    copy = pickle.loads(pickle.dumps(t))
+    assert all(np.array_equal(t(image=img, mask=mask)["image"], copy(image=img, mask=mask)["image"])
+               for _ in range(10))
