@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +42,16 @@ def case_fingerprint(src: CaseSource, labels: str) -> str:
     return h.hexdigest()
 
 
-def decode_volume(src: CaseSource, labels: str = "liver") -> tuple[Volume, np.ndarray | None]:
+@dataclass
+class Decoded:
+    """A decoded case: the volume, its label mask (or None) and the mask files actually used."""
+
+    volume: Volume
+    mask: np.ndarray | None
+    mask_files: list[Path] | None
+
+
+def decode_volume(src: CaseSource, labels: str = "liver") -> Decoded:
     """Decode the series and, when labeled, its masks paired slice for slice."""
     volume = read_series(src.image_files)
     masks = src.mask_files
@@ -52,44 +60,37 @@ def decode_volume(src: CaseSource, labels: str = "liver") -> tuple[Volume, np.nd
             raise CaseError(src.image_files[0].parent,
                             f"{len(volume.files)} image slices (after skipping non-image files) "
                             f"but {len(masks)} ground-truth PNGs")
-        keep = {p: m for p, m in zip(src.image_files, masks)}
-        masks = [keep[p] for p in volume.files]
+        by_image = dict(zip(src.image_files, masks))
+        masks = [by_image[p] for p in volume.files]
     mask = None if masks is None else read_masks(masks, src.modality, labels)
     if mask is not None and mask.shape != volume.image.shape:
         raise CaseError(masks[0], f"ground truth is {'x'.join(map(str, mask.shape))} (slices x rows x cols) "
                                   f"but the image is {'x'.join(map(str, volume.image.shape))}")
     if volume.modality and volume.modality != src.modality:
         volume.warnings.append(f"DICOM Modality is {volume.modality}, folder says {src.modality}")
-    return volume, mask
+    return Decoded(volume, mask, masks)
 
 
 def decode_case(src: CaseSource, labels: str = "liver") -> tuple[np.ndarray, np.ndarray | None]:
     """Decode only: (image, mask) as the store would hold them (the benchmark's baseline)."""
-    volume, mask = decode_volume(src, labels)
-    return volume.image, mask
+    decoded = decode_volume(src, labels)
+    return decoded.volume.image, decoded.mask
 
 
 def convert_case(src: CaseSource, labels: str = "liver", fingerprint: str | None = None) -> CaseData:
     """Decode a case and build its store record (attributes per ``dlseg.store.CASE_KEYS``)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        volume, mask = decode_volume(src, labels)
-    notes = list(src.notes) + volume.warnings
-    if caught:
-        notes.append(f"{len(caught)} library warning(s) while decoding ({', '.join(sorted({w.category.__name__ for w in caught}))})")
-    kept_masks = None
-    if src.mask_files is not None:
-        by_image = dict(zip(src.image_files, src.mask_files))
-        kept_masks = [by_image[p] for p in volume.files]
+    decoded = decode_volume(src, labels)
+    volume = decoded.volume
     attrs = {
         "patient": src.patient, "modality": src.modality, "sequence": src.sequence,
-        "group": "labeled" if mask is not None else "unlabeled",
+        "group": "labeled" if decoded.mask is not None else "unlabeled",
         "spacing": list(volume.spacing), "origin": list(volume.origin), "direction": list(volume.direction),
-        "source_files": src.relative(volume.files), "mask_files": src.relative(kept_masks),
+        "source_files": src.relative(volume.files), "mask_files": src.relative(decoded.mask_files),
         "order": src.order, "fingerprint": fingerprint or case_fingerprint(src, labels),
-        "stats": intensity_stats(volume.image, src.modality), "labels": labels, "notes": notes,
+        "stats": intensity_stats(volume.image, src.modality), "labels": labels,
+        "notes": list(src.notes) + volume.warnings,
     }
-    return CaseData(src.case_id, volume.image, mask, attrs)
+    return CaseData(src.case_id, volume.image, decoded.mask, attrs)
 
 
 def process_case(store_path: str, src: CaseSource, labels: str, qa_dir: str | None = None) -> CaseResult:

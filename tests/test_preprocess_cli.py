@@ -276,3 +276,25 @@ def test_unexpected_library_error_fails_the_case_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(convert, "read_masks", boom)
     res = convert.process_case(str(tmp_path / "o.zarr"), case, "liver")
     assert (res.status, res.reason) == ("failed", "unexpected error (RuntimeError: boom second line)")
+
+
+def test_non_image_object_changes_pairing_counts(tmp_path):
+    from preprocess.convert import convert_case
+    from preprocess.errors import CaseError
+    from preprocess.layout import discover
+    from test_preprocess_helpers import write_sr
+
+    make_ct_patient(tmp_path, "1", n=3, masks=4)
+    write_sr(tmp_path / "CT/1/DICOM_anon/i0003,0000b.dcm")       # 4 files, 4 masks: paired by position
+    (case,), _ = discover(tmp_path, "ct")
+    assert case.order == "position" and len(case.image_files) == 4
+    with pytest.raises(CaseError, match="3 image slices .after skipping non-image files. but 4 ground-truth PNGs"):
+        convert_case(case)
+    make_mr_patient(tmp_path / "mr", "2", n=3)
+    folder = tmp_path / "mr/MR/2/T1DUAL/DICOM_anon/InPhase"
+    write_sr(folder / "IMG-0004-00003.dcm")                        # replaces the middle slice; its mask stays
+    (mr,), _ = discover(tmp_path / "mr", "t1-in")
+    data = convert_case(mr)
+    assert data.image.shape[0] == 2 and data.attrs["mask_files"] == [
+        "MR/2/T1DUAL/Ground/IMG-0004-00001.png", "MR/2/T1DUAL/Ground/IMG-0004-00005.png"]
+    assert any("skipped 1 non-image" in n for n in data.attrs["notes"])
