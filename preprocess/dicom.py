@@ -213,7 +213,7 @@ def check_consistent(meta: dict, first: dict, path: Path) -> None:
         raise CaseError(path, f"slice is {meta['rows']}x{meta['cols']} but the series' first slice is "
                               f"{first['rows']}x{first['cols']} (mixed shapes)")
     a, b = meta["orientation"], first["orientation"]
-    if (a is None) != (b is None) or (a is not None and not np.allclose(a, b, atol=1e-4)):
+    if (a is None) != (b is None) or (a is not None and max(abs(x - y) for x, y in zip(a, b)) > 1e-4):
         raise CaseError(path, "slice orientation differs from the series' first slice (mixed orientations)")
 
 
