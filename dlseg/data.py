@@ -163,7 +163,11 @@ class CaseCache:
     def _prepare(self, store: Store, case_id: str) -> PreparedCase:
         """Read a whole case and bring it to training size through ``normalize``."""
         attrs = store.info(case_id).attrs
-        image, mask = store.read_case(case_id)
+        try:
+            image, mask = store.read_case(case_id)
+        except Exception as exc:  # zarr/numcodecs raise many types for damaged chunks
+            reason = (str(exc).splitlines() or [""])[0]
+            raise StoreError(f"{store.path}: case {case_id!r} is unreadable ({type(exc).__name__}: {reason})") from None
         if mask is None:
             raise StoreError(f"{store.path}: case {case_id!r} has no mask (training needs labeled cases)")
         if "stats" not in attrs or "modality" not in attrs:

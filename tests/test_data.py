@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,17 @@ def test_index_from_attributes_without_reads(tiny_store):
 def test_unlabeled_case_is_refused(tiny_store):
     with pytest.raises(StoreError, match="MR-test-7-T1in.*no mask"):
         SliceDataset(tiny_store, ["MR-test-7-T1in"], _cfg())
+
+
+def test_damaged_case_names_itself(tiny_store, tmp_path):
+    copy = tmp_path / "damaged.zarr"
+    shutil.copytree(tiny_store, copy)
+    shard = copy / "MR-2-T1in" / "image" / "c" / "0" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:100])
+    ds = SliceDataset(copy, TRAIN, _cfg())
+    ds[0]  # other cases still read
+    with pytest.raises(StoreError, match=r"case 'MR-2-T1in' is unreadable"):
+        ds[int(np.flatnonzero(ds.index[:, 0] == 1)[0])]
 
 
 def test_transform_sees_hwc_and_must_keep_size(tiny_store):
