@@ -185,6 +185,8 @@ dlseg_node_main() {
     # cut short the other nodes' save; the batch shell decides about the requeue from the run folder's marker.
     [[ -n ${SLURM_NODEID:-} ]] || dlseg_die "dlseg_node_main must run inside srun (SLURM_NODEID unset)"
     local rc=0
+    dlseg_log "node $SLURM_NODEID of ${SLURM_NNODES:-?} on ${SLURMD_NODENAME:-$(hostname)}: accelerate launch" \
+        "--machine_rank $SLURM_NODEID"
     dlseg_run_trainer accelerate launch --machine_rank "$SLURM_NODEID" "$@" || rc=$?
     if ((rc != 0)) && { ((rc == DLSEG_EXIT_PREEMPTED)) || [[ -n $DLSEG_PREEMPT_SIGNAL ]]; }; then
         dlseg_log "node $SLURM_NODEID: trainer stopped after SIG${DLSEG_PREEMPT_SIGNAL:-?} (launcher exit $rc)"
