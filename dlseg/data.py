@@ -43,7 +43,11 @@ Transform = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
 @dataclass
 class DataConfig:
-    """Data pipeline settings (the ``data`` section of the training config)."""
+    """Data pipeline settings (the ``data`` section of the training config).
+
+    Memory per process: about ``(train workers + val workers) × cache_mb`` for the case caches (``cache_mb``
+    in the main process when ``workers == 0``), plus ``prefetch_factor`` batches per worker in flight.
+    """
 
     size: int = 256                      # square training size (pixels)
     context_slices: int = 0              # 2.5D: k neighbours on each side as channels (C = 2k+1); edges replicate
