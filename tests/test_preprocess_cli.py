@@ -19,8 +19,7 @@ from pydicom.data import get_testdata_file
 
 from dlseg.normalize import intensity_stats
 from dlseg.store import Store, StoreError
-from preprocess.cli import PreprocessConfig, main, run
-from preprocess.layout import natural_sorted
+from preprocess.cli import main, run
 from test_preprocess_helpers import make_ct_patient, make_mr_patient, read_sources
 
 REPO = Path(__file__).resolve().parents[1]
