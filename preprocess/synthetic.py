@@ -259,7 +259,7 @@ def draw_anatomy(rng: np.random.Generator) -> Anatomy:
     kidney_r = (u(0.12, 0.16), u(0.17, 0.23), u(0.15, 0.2))
     return Anatomy(
         a=u(135, 172), b=u(95, 128), cx=u(-12, 12), cy=u(-10, 14), exponent=u(2.0, 2.6), taper=u(-0.06, 0.1),
-        fat_mm=u(6, 32), fat_anterior=u(0.1, 0.8), paraspinal_mm=u(35, 55), vb_radius=u(14, 19),
+        fat_mm=u(5, 28), fat_anterior=u(0.1, 0.8), paraspinal_mm=u(30, 48), vb_radius=u(14, 19),
         liver=(right, dome, left, tip), liver_top=top, liver_bottom=bottom,
         liver_field=RBFField.draw(rng, (7, 8, 8)),
         vessel_field=RBFField.draw(rng, (10, 16, 16)), vessel_gate=RBFField.draw(rng, (6, 6, 6)),
@@ -307,8 +307,8 @@ def _body_levels(an: Anatomy, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.nd
     rho = an.a * an.b / np.sqrt((an.b * np.cos(theta)) ** 2 + (an.a * np.sin(theta)) ** 2)  # mm per r unit
     anterior = np.clip(-np.sin(theta), 0, None)
     posterior = np.clip(np.sin(theta), 0, None)
-    fat = an.fat_mm * (1.0 + an.fat_anterior * anterior ** 2) / rho
-    muscle = (9.0 + an.paraspinal_mm * posterior ** 6) / rho
+    fat = an.fat_mm * (1.0 + an.fat_anterior * anterior ** 2 - 0.4 * posterior ** 2) / rho
+    muscle = (9.0 + an.paraspinal_mm * posterior ** 3) / rho
     s = 1.0 + an.taper * (grid.t - 0.5)
     return r.astype(np.float32), s.astype(np.float32), fat.astype(np.float32), muscle.astype(np.float32)
 
@@ -388,8 +388,7 @@ def _add_retroperitoneum(an: Anatomy, grid: Grid, tissue: np.ndarray, organ: np.
                          body: np.ndarray) -> None:
     """Spine, spinal canal, aorta, IVC, psoas and ribs (in mm, drawn over the organs)."""
     t = grid.t
-    fat_post = an.fat_mm
-    vb_y = an.cy + an.b * 0.92 - fat_post - 9.0 - an.paraspinal_mm - 0.2 * an.vb_radius
+    vb_y = an.cy + an.b * 0.92 - 0.6 * an.fat_mm - 9.0 - an.paraspinal_mm + 0.3 * an.vb_radius
     vb_x = an.cx
     vb = _disc(grid, vb_x, vb_y, an.vb_radius)
     vb_core = _disc(grid, vb_x, vb_y, an.vb_radius - 2.5)
@@ -423,7 +422,7 @@ def _draw_ribs(an: Anatomy, grid: Grid, sl: np.ndarray, org: np.ndarray, wall: n
         ang = (ang % (2 * np.pi))
         if 1.2 < ang < 1.95:   # none behind the spine
             continue
-        inset = an.fat_mm * (1.0 + an.fat_anterior * max(0.0, -np.sin(ang)) ** 2) + 5.0
+        inset = an.fat_mm * (1.0 + an.fat_anterior * max(0.0, -np.sin(ang)) ** 2 - 0.4 * max(0.0, np.sin(ang)) ** 2) + 5.0
         x0 = an.cx + (an.a - inset) * np.cos(ang)
         y0 = an.cy + (an.b - inset) * np.sin(ang)
         rib = _disc(grid, x0, y0, 6.0, 4.5) & wall & (org == 0)
