@@ -77,20 +77,24 @@ class NormalizedBrightnessContrast(A.ImageOnlyTransform):
         self.contrast_limit = contrast_limit
 
     def get_params(self) -> dict[str, float]:
+        """Draw the contrast factor ``alpha`` and the brightness offset ``beta`` from the step's seeded RNG."""
         return {"alpha": 1.0 + self.py_random.uniform(-self.contrast_limit, self.contrast_limit),
                 "beta": self.py_random.uniform(-self.brightness_limit, self.brightness_limit)}
 
     def apply(self, img: np.ndarray, alpha: float = 1.0, beta: float = 0.0, **params: Any) -> np.ndarray:
+        """``img * alpha + beta`` in the image's dtype."""
         return (img * np.float32(alpha) + np.float32(beta)).astype(img.dtype, copy=False)
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
+        """Constructor arguments shown in ``repr`` and serialization."""
         return ("brightness_limit", "contrast_limit")
 
 
 def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compose:
     """One-sample transform: ``t(image=float32 (H,W) or (H,W,C), mask=uint8 (H,W))``; square slices expected.
 
-    Deterministic for a given ``seed``; each DataLoader worker should call :func:`seed_transform` with its own seed.
+    Deterministic for a given ``seed``. Loader workers receive copies of the same RNG state, so each worker (or each
+    sample, for order-independent results) must reseed with :func:`seed_transform` (about 50 µs a call here).
     Disabled config → an empty Compose (identity).
     """
     check_config(cfg)
