@@ -18,11 +18,12 @@ divided by the body half-axes; image left = patient right, image top = anterior)
 head→feet coordinate ``t`` in [0, 1] over the scanned range. Organs are smooth implicit 3D shapes (unions of
 ellipsoids plus a smooth random field made of Gaussian radial basis functions), so the same patient can be
 sampled on different grids (T1-DUAL and T2-SPIR have different slice counts, like the real data). Tissues get
-per-patient intensities (liver and spleen overlap on purpose), a per-tissue texture, partial-volume blur, an MR
-bias field and Rician (MR) / Gaussian (CT) noise. T1 in/out phase come from separate water and fat signals:
+per-patient intensities (liver, spleen, bowel and stomach wall overlap on purpose, so no intensity threshold
+segments the liver), a per-tissue texture, partial-volume blur, an MR bias field with slice-to-slice gain changes
+and a faint breathing ghost, and Rician (MR) / Gaussian (CT) noise. T1 in/out phase come from separate water and fat signals:
 in = W + F, out = |W − F|, which darkens fat-water boundaries (the "India ink" ring) and fatty livers.
 
-Every random number comes from ``numpy.random.SeedSequence([seed, modality, patient])`` and every UID from
+Every random number comes from ``numpy.random.SeedSequence([seed, modality, patient, is_test])`` and every UID from
 ``pydicom.uid.generate_uid(entropy_srcs=…)``; nothing reads the clock, so the same seed gives the same bytes,
 and a patient's files do not depend on how many other patients are generated.
 """
@@ -298,6 +299,12 @@ def _winner(fields: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return best, top
 
 
+def _fat_thickness(an: Anatomy, sin_theta: np.ndarray | float) -> np.ndarray:
+    """Subcutaneous fat (mm) by direction: thicker in front, thinner at the back (sin > 0 is posterior)."""
+    anterior, posterior = np.clip(-sin_theta, 0, None), np.clip(sin_theta, 0, None)
+    return an.fat_mm * (1.0 + an.fat_anterior * anterior ** 2 - 0.4 * posterior ** 2)
+
+
 def _body_levels(an: Anatomy, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Body level r (H,W) (1 on the skin), per-slice scale s (Z,), fat and muscle thickness in r units (H,W)."""
     xm, ym = grid.x - an.cx, grid.y - an.cy
@@ -305,9 +312,8 @@ def _body_levels(an: Anatomy, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.nd
     r = (np.abs(p) ** an.exponent + np.abs(q) ** an.exponent) ** (1.0 / an.exponent)
     theta = np.arctan2(ym[:, None] / an.b, xm[None, :] / an.a)
     rho = an.a * an.b / np.sqrt((an.b * np.cos(theta)) ** 2 + (an.a * np.sin(theta)) ** 2)  # mm per r unit
-    anterior = np.clip(-np.sin(theta), 0, None)
     posterior = np.clip(np.sin(theta), 0, None)
-    fat = an.fat_mm * (1.0 + an.fat_anterior * anterior ** 2 - 0.4 * posterior ** 2) / rho
+    fat = _fat_thickness(an, np.sin(theta)) / rho
     muscle = (9.0 + an.paraspinal_mm * posterior ** 3) / rho
     s = 1.0 + an.taper * (grid.t - 0.5)
     return r.astype(np.float32), s.astype(np.float32), fat.astype(np.float32), muscle.astype(np.float32)
@@ -422,7 +428,7 @@ def _draw_ribs(an: Anatomy, grid: Grid, sl: np.ndarray, org: np.ndarray, wall: n
         ang = (ang % (2 * np.pi))
         if 1.2 < ang < 1.95:   # none behind the spine
             continue
-        inset = an.fat_mm * (1.0 + an.fat_anterior * max(0.0, -np.sin(ang)) ** 2 - 0.4 * max(0.0, np.sin(ang)) ** 2) + 5.0
+        inset = float(_fat_thickness(an, np.sin(ang))) + 5.0
         x0 = an.cx + (an.a - inset) * np.cos(ang)
         y0 = an.cy + (an.b - inset) * np.sin(ang)
         rib = _disc(grid, x0, y0, 6.0, 4.5) & wall & (org == 0)
@@ -502,6 +508,17 @@ def _bias(rng: np.random.Generator, an: Anatomy, grid: Grid) -> np.ndarray:
     return (np.exp(rng.uniform(0.1, 0.22) * low) * coil[None]).astype(np.float32)
 
 
+def _scanner_gain(rng: np.random.Generator, an: Anatomy, grid: Grid) -> np.ndarray:
+    """Receiver gain × bias field × small slice-to-slice gain changes, (Z, H, W)."""
+    per_slice = 1.0 + 0.025 * rng.standard_normal(len(grid.t)).astype(np.float32)
+    return rng.uniform(0.7, 1.5) * _bias(rng, an, grid) * per_slice[:, None, None]
+
+
+def _ghost(img: np.ndarray, amplitude: float) -> np.ndarray:
+    """A faint copy shifted by half the field of view along the rows (phase-encoding ghost from breathing)."""
+    return img + amplitude * np.roll(img, img.shape[1] // 2, axis=1)
+
+
 def _rician(rng: np.random.Generator, signal: np.ndarray, sigma: float) -> np.ndarray:
     """Magnitude of a complex signal with Gaussian noise in both channels."""
     re = signal + sigma * rng.standard_normal(signal.shape, dtype=np.float32)
@@ -520,17 +537,17 @@ def render_t1(rng: np.random.Generator, an: Anatomy, ph: Phantom, grid: Grid, c:
     tex = 1.0 + TEXTURE[ph.tissue] * _texture(rng, ph.tissue.shape, 1.0)
     water = _blur(c.t1_water[ph.tissue] * tex, 0.7)
     fat = _blur(c.t1_fat[ph.tissue] * tex, 0.7)
-    gain = rng.uniform(0.7, 1.5) * _bias(rng, an, grid)
+    gain, ghost = _scanner_gain(rng, an, grid), float(rng.uniform(0.0, 0.04))
     sigma = float(rng.uniform(0.02, 0.045) * c.t1_water[T.MUSCLE] * 1.5)
-    inphase = _rician(rng, (water + fat) * gain, sigma)
-    outphase = _rician(rng, np.abs(water - fat) * gain, sigma)
+    inphase = _rician(rng, _ghost((water + fat) * gain, ghost), sigma)
+    outphase = _rician(rng, _ghost(np.abs(water - fat) * gain, ghost), sigma)
     return _to_uint12(inphase), _to_uint12(outphase)
 
 
 def render_t2(rng: np.random.Generator, an: Anatomy, ph: Phantom, grid: Grid, c: Contrast) -> np.ndarray:
     """T2-SPIR (fat-suppressed) stored values."""
     tex = 1.0 + TEXTURE[ph.tissue] * _texture(rng, ph.tissue.shape, 1.0)
-    signal = _blur(c.t2[ph.tissue] * tex, 0.7) * (rng.uniform(0.7, 1.5) * _bias(rng, an, grid))
+    signal = _ghost(_blur(c.t2[ph.tissue] * tex, 0.7) * _scanner_gain(rng, an, grid), float(rng.uniform(0.0, 0.04)))
     sigma = float(rng.uniform(0.02, 0.045) * c.t2[T.LIVER] * 1.5)
     return _to_uint12(_rician(rng, signal, sigma))
 
