@@ -20,11 +20,12 @@ ellipsoids plus a smooth random field made of Gaussian radial basis functions), 
 sampled on different grids (T1-DUAL and T2-SPIR have different slice counts, like the real data). Tissues get
 per-patient intensities (liver, spleen, bowel and stomach wall overlap on purpose, so no intensity threshold
 segments the liver), a per-tissue texture, partial-volume blur, an MR bias field with slice-to-slice gain changes
-and a faint breathing ghost, and Rician (MR) / Gaussian (CT) noise. T1 in/out phase come from separate water and fat signals:
-in = W + F, out = |W − F|, which darkens fat-water boundaries (the "India ink" ring) and fatty livers.
+and a faint breathing ghost, and Rician (MR) / Gaussian (CT) noise. T1 in/out phase come from separate water
+and fat signals: in = W + F, out = |W − F|, which darkens fat-water boundaries (the "India ink" ring) and fatty
+livers.
 
-Every random number comes from ``numpy.random.SeedSequence([seed, modality, patient, is_test])`` and every UID from
-``pydicom.uid.generate_uid(entropy_srcs=…)``; nothing reads the clock, so the same seed gives the same bytes,
+Every random number comes from ``numpy.random.SeedSequence([seed, modality, patient, is_test])`` and every UID
+from ``pydicom.uid.generate_uid(entropy_srcs=…)``; nothing reads the clock, so the same seed gives the same bytes,
 and a patient's files do not depend on how many other patients are generated.
 """
 
