@@ -16,27 +16,38 @@ CT_BODY_HU = -500.0          # CT voxels above this are "body" for statistics
 MR_BODY_FRACTION = 0.10      # MR voxels above this fraction of the 99th percentile are "body"
 
 
+STATS_MAX_VOXELS = 2_000_000  # statistics use at most this many voxels (a fixed, deterministic stride)
+
+
 def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
     """Boolean mask of voxels inside the body (excludes air), used for statistics only."""
-    img = np.asarray(image, dtype=np.float32)
     if modality.upper() == "CT":
-        return img > CT_BODY_HU
-    hi = float(np.percentile(img, 99.0)) if img.size else 0.0
-    return img > MR_BODY_FRACTION * hi
+        return image > CT_BODY_HU
+    hi = float(np.percentile(image, 99.0)) if image.size else 0.0
+    return image > MR_BODY_FRACTION * hi
 
 
 def intensity_stats(image: np.ndarray, modality: str) -> dict[str, float]:
-    """Percentiles, mean and std inside the body (mean/std of values clipped to [p0.5, p99.5])."""
-    img = np.asarray(image, dtype=np.float32)
-    body = img[body_mask(img, modality)]
+    """Percentiles, mean and std inside the body (mean/std of values clipped to [p0.5, p99.5]).
+
+    Large volumes are subsampled with a fixed voxel stride (deterministic: the same volume always gives the same
+    numbers), which keeps memory near one float32 copy of the sample rather than several of the whole case.
+    """
+    img = np.asarray(image)
+    if img.size == 0:
+        raise ValueError("intensity_stats: empty image")
+    flat = img.reshape(-1)
+    stride = max(1, int(np.ceil(flat.size / STATS_MAX_VOXELS)))
+    sample = flat[::stride].astype(np.float32)
+    body = sample[body_mask(sample, modality)]
     if body.size < 16:
-        body = img.ravel()
+        body = sample
     p = np.percentile(body, [0.5, 1, 50, 99, 99.5])
     clipped = np.clip(body, p[0], p[4])
     return {
         "p0_5": float(p[0]), "p1": float(p[1]), "p50": float(p[2]), "p99": float(p[3]), "p99_5": float(p[4]),
-        "mean": float(clipped.mean()), "std": float(clipped.std()),
-        "min": float(img.min()), "max": float(img.max()), "body_fraction": float(body.size / max(img.size, 1)),
+        "mean": float(clipped.mean(dtype=np.float64)), "std": float(clipped.std(dtype=np.float64)),
+        "min": float(img.min()), "max": float(img.max()), "body_fraction": float(body.size / sample.size),
     }
 
 

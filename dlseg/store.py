@@ -121,6 +121,24 @@ class StoreWriter:
         """Remove cases left half-written by a killed run (call once, before any worker writes)."""
         shutil.rmtree(self.path / PARTIAL_DIR, ignore_errors=True)
 
+    def case_ids(self) -> list[str]:
+        """Ids of the complete cases on disk (whatever the root table says)."""
+        return sorted(cid for cid in self._complete_attrs())
+
+    def _complete_attrs(self) -> dict[str, dict[str, Any]]:
+        """Attributes of every complete case directory, by case id."""
+        out: dict[str, dict[str, Any]] = {}
+        for child in sorted(self.path.iterdir()):
+            if child.name.startswith(".") or not child.is_dir():
+                continue
+            try:
+                attrs = json.loads((child / "zarr.json").read_text()).get("attributes", {})
+            except (OSError, ValueError):
+                continue
+            if attrs.get("complete") is True:
+                out[child.name] = attrs
+        return out
+
     def complete_fingerprint(self, case_id: str) -> str | None:
         """Source fingerprint of a complete case already in the store, else None."""
         meta = self.path / case_id / "zarr.json"
@@ -170,6 +188,10 @@ class StoreWriter:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(partial, final)
+        try:
+            partial.parent.rmdir()  # leave no empty .partial/ behind (fails harmlessly while others write)
+        except OSError:
+            pass
 
     def remove_case(self, case_id: str) -> None:
         """Drop a case (e.g. its sources vanished or now fail)."""
@@ -186,17 +208,8 @@ class StoreWriter:
         ``split`` holds ``train``/``val``/``unlabeled`` case-id lists plus ``seed`` and ``method``.
         """
         cases: dict[str, Any] = {}
-        for child in sorted(self.path.iterdir()):
-            if child.name.startswith(".") or not child.is_dir():
-                continue
-            meta = child / "zarr.json"
-            try:
-                attrs = json.loads(meta.read_text()).get("attributes", {})
-            except (OSError, ValueError):
-                continue
-            if attrs.get("complete") is not True:
-                continue
-            cases[child.name] = {
+        for cid, attrs in self._complete_attrs().items():
+            cases[cid] = {
                 "slices": attrs["shape"][0], "shape": attrs["shape"], "patient": attrs.get("patient"),
                 "modality": attrs.get("modality"), "sequence": attrs.get("sequence"),
                 "labeled": attrs.get("foreground") is not None, "fingerprint": attrs.get("fingerprint"),
