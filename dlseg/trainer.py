@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 
 from dlseg import checkpoint as ckpt
 from dlseg import curves
@@ -286,6 +286,17 @@ def uneven_shards(loader) -> None:
     sampler = loader.batch_sampler
     if hasattr(sampler, "even_batches"):
         sampler.even_batches = False
+
+
+def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics).
+
+    DDP broadcasts buffers from rank 0 at the start of each forward, so after the last training step the other
+    ranks hold statistics of their own last batch; validation and the exported model use rank 0's.
+    """
+    if accelerator.num_processes > 1:
+        for buf in accelerator.unwrap_model(model).buffers():
+            broadcast(buf, from_process=0)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -628,6 +639,7 @@ class Trainer:
         loss_sum, steps, wait_s, step_s, skipped = self._agree(
             [s.loss_sum, float(s.steps), s.wait_s, s.step_s, float(s.skipped)])
         lr = self._lr()
+        sync_buffers(acc, self.model)
         dice, val_loss = self._validate()
         mean_dice = float(np.mean(dice)) if dice else 0.0
         self.scheduler.step()
@@ -644,7 +656,7 @@ class Trainer:
             "epoch": epoch, "global_step": state.global_step, "world_size": acc.num_processes,
             "train_loss": loss_sum / max(steps, 1.0), "val_loss": val_loss, "lr": lr,
             "val_dice": dict(zip(self.val_dataset.case_ids, dice)), "val_dice_mean": mean_dice,
-            "best": improved, "epoch_time_s": elapsed, "images_per_s": s.images / max(elapsed, 1e-9),
+            "best": improved, "epoch_time_s": elapsed, "images_per_s": s.images / max(step_s / acc.num_processes, 1e-9),
             "data_wait_fraction": wait_s / max(step_s, 1e-9), "nonfinite_skipped": int(skipped),
         }
         if cfg.debug_shards:
