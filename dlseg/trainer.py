@@ -524,6 +524,7 @@ class Trainer:
             f"{len(self.val_dataset)} val slices; {self.task.labels} ({self.task.num_classes} output(s))")
         self.preempt.install()
         self.warned_wait = False
+        self.totals = [0.0, 0.0, 0]  # data wait s, step s (per process), images (all processes)
         try:
             for epoch in range(self.state.epoch, cfg.epochs):
                 if self._train_epoch(epoch):
@@ -535,8 +536,10 @@ class Trainer:
             self.preempt.uninstall()
             if cfg.trackers:
                 acc.end_training()
+        wait, step, images = self.totals
         self.log.write(f"done: best mean val Dice {self.state.best_dice:.4f} at epoch {self.state.best_epoch + 1}; "
-                       f"model in {self.out / 'model'}")
+                       f"model in {self.out / 'model'}; this session {images / max(step, 1e-9):.1f} images/s, "
+                       f"{100 * wait / max(step, 1e-9):.1f} % of step time waiting for data")
         return 0
 
     def _train_epoch(self, epoch: int) -> bool:
@@ -659,6 +662,8 @@ class Trainer:
             "best": improved, "epoch_time_s": elapsed, "images_per_s": s.images / max(step_s / acc.num_processes, 1e-9),
             "data_wait_fraction": wait_s / max(step_s, 1e-9), "nonfinite_skipped": int(skipped),
         }
+        self.totals = [self.totals[0] + wait_s / acc.num_processes, self.totals[1] + step_s / acc.num_processes,
+                       self.totals[2] + s.images]
         if cfg.debug_shards:
             self._write_debug(epoch)
         if acc.is_main_process:

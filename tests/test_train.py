@@ -214,3 +214,18 @@ def test_two_cpu_ranks(synthetic_store, tmp_path):
     assert counts[:, 0].tolist() == val.dataset.depths.tolist()
     assert dict(zip(val.dataset.case_ids, trainer.dice_per_case(counts))) == row["val_dice"]
     assert meta["val_dice"] == row["val_dice_mean"]
+
+
+def test_options_accumulation_clipping_device_augment_channels_last(synthetic_store, tmp_path):
+    out = tmp_path / "opts"
+    cfg = parse(tiny(synthetic_store, out, "--epochs", "1", "--grad_accum", "2", "--clip_grad", "1.0",
+                     "--augment_on", "device", "--model.channels_last", "true", "--sched.name", "cosine",
+                     "--sched.warmup_epochs", "1", "--optim.name", "adamw", "--optim.weight_decay", "0.01"))
+    assert trainer.run(cfg) == 0
+    (row,) = curves.read_metrics(out)
+    store = Store(synthetic_store)
+    n_batches = sum(store.info(c).shape[0] for c in store.split_cases("train")) // 4
+    assert row["global_step"] == (n_batches + 1) // 2                            # one optimizer step per 2 batches
+    assert row["lr"] == pytest.approx(1e-3 / 2)                                  # warm-up epoch 0: lr/(1+1)
+    _, meta = load_model(out / "model")
+    assert meta["channels_last"] is True
