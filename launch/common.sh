@@ -141,9 +141,8 @@ dlseg_run_trainer() {
 
 dlseg_was_preempted() {
     # dlseg_was_preempted RC RUN: the trainer saved and stopped for a preemption: it exited 75, or (behind a
-    # launcher that reports any worker failure as 1) it left RUN/PREEMPTED.
+    # launcher that reports any worker failure as 1, or nodes that report it as 0) it left RUN/PREEMPTED.
     local rc=$1 run=$2
-    ((rc != 0)) || return 1
     ((rc == DLSEG_EXIT_PREEMPTED)) || [[ -f $run/$DLSEG_PREEMPTED_MARKER ]]
 }
 

@@ -175,12 +175,29 @@ def test_train_single_node(single_run):
     assert "world size 1 " in (single_run / "train.log").read_text()
 
 
-def test_train_multinode_two_ranks_agree(slurm, synthetic_store, tmp_path):
+def wait_for_training(slurm: Cluster, job: str, run: Path) -> None:
+    """Return once the run's first periodic checkpoint exists: training is under way."""
+    deadline = time.monotonic() + JOB_LIMIT_S
+    while not list((run / "checkpoints").glob("step_*")):
+        assert time.monotonic() < deadline, f"no checkpoint within {JOB_LIMIT_S}s\n{run_logs(run)}"
+        assert not set(slurm.states(job)) & TERMINAL, slurm.job_output(job) + run_logs(run)
+        time.sleep(0.1)
+
+
+def test_train_multinode_two_ranks_agree_and_survive_preemption(slurm, synthetic_store, tmp_path):
     run = tmp_path / "multinode"
     job = slurm.submit("launch/train_multinode.sbatch", *TINY, "--debug_shards", "true", sbatch=("--nodes=2",),
                        env={"RUN": str(run), "DATA": str(synthetic_store)})
+    wait_for_training(slurm, job, run)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
     assert slurm.wait(job) == ["COMPLETED"], slurm.job_output(job) + run_logs(run)
+    assert slurm.field(job, "Restarts") == "1"
     logs = run_logs(run)
+    # srun passed the batch shell's USR1 on to both nodes; the trainer saved once; the job was requeued
+    assert re.search(r"^0: .*node 0: trainer stopped after SIGUSR1", logs, re.M), logs
+    assert re.search(r"^1: .*node 1: trainer stopped after SIGUSR1", logs, re.M), logs
+    assert f"requeueing job {job} (restart 1)" in logs and "training finished" in logs
+    assert "resumed from" in (run / "train.log").read_text()
     # one srun task per node (srun --label prefixes the task number), each with its machine rank
     assert re.search(r"^0: .*node 0 of 2 on node1: accelerate launch --machine_rank 0", logs, re.M), logs
     assert re.search(r"^1: .*node 1 of 2 on node2: accelerate launch --machine_rank 1", logs, re.M), logs
@@ -191,7 +208,7 @@ def test_train_multinode_two_ranks_agree(slurm, synthetic_store, tmp_path):
     ranks = {}
     for rank in (0, 1):
         ranks[rank] = [json.loads(line) for line in (run / "debug" / f"rank{rank}.jsonl").read_text().splitlines()]
-    assert len(ranks[0]) == len(ranks[1]) == 2
+    assert len(ranks[0]) == len(ranks[1]) >= 2             # one record per epoch (+1 for an interrupted one)
     for r0, r1 in zip(ranks[0], ranks[1]):
         assert r0["world_size"] == r1["world_size"] == 2
         assert r0["weights"] == r1["weights"]              # both ranks hold the same weights after every epoch
@@ -204,11 +221,7 @@ def test_train_multinode_two_ranks_agree(slurm, synthetic_store, tmp_path):
 def test_preemption_requeues_and_resumes_exactly(slurm, single_run, synthetic_store, tmp_path):
     run = tmp_path / "preempted"
     job = slurm.submit("launch/train.sbatch", *TINY, env={"RUN": str(run), "DATA": str(synthetic_store)})
-    deadline = time.monotonic() + JOB_LIMIT_S
-    while not list((run / "checkpoints").glob("step_*")):    # the first periodic checkpoint: training is under way
-        assert time.monotonic() < deadline, f"no checkpoint within {JOB_LIMIT_S}s\n{run_logs(run)}"
-        assert "COMPLETED" not in slurm.states(job), run_logs(run)
-        time.sleep(0.1)
+    wait_for_training(slurm, job, run)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
     assert slurm.wait(job) == ["COMPLETED"], slurm.job_output(job) + run_logs(run)
     assert slurm.field(job, "Restarts") == "1"
@@ -245,3 +258,15 @@ def test_predict_array_writes_every_case(slurm, single_run, synthetic_root, tmp_
             assert (case / "record.json").is_file() and len(list(case.glob("*.png"))) == row["slices"]
             written.append(row["case_id"])
     assert sorted(written) == expected                      # every case once, split across the two tasks
+
+
+def test_scripts_parse_and_pass_shellcheck():
+    scripts = [*sorted((REPO / "launch").glob("*.sbatch")), REPO / "launch" / "common.sh", HARNESS]
+    for script in scripts:
+        r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, f"{script}: {r.stderr}"
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck); bash -n passed")
+    r = subprocess.run(["shellcheck", "-x", "--severity=warning", *map(str, scripts)], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout
