@@ -7,14 +7,16 @@
 #   tests/slurm_cluster.sh down [STATE_DIR]  stop the daemons this script started (by the PIDs it recorded).
 #   tests/slurm_cluster.sh status [STATE_DIR]
 #
-# All Slurm state, spool, logs and PID files live under STATE_DIR; /etc/slurm/.dlseg-cluster remembers which
-# STATE_DIR the current configuration belongs to, so `up` with a new directory first stops the old cluster.
+# Slurm state, spool and logs live under STATE_DIR; the PIDs of the daemons this script started, and which STATE_DIR
+# is current, under /run/dlseg-slurm-cluster (so they outlive a deleted STATE_DIR): `up` with a new directory first
+# stops the old cluster, `down` stops exactly those PIDs.
 # Exit status: 0 ok, 1 failure, 3 unavailable here (not root, or the packages cannot be installed): tests skip.
 # Measured recipe: Debian's Slurm 22.05 as root without systemd (see docs in the repo's README, "SLURM").
 set -euo pipefail
 
 CONF_DIR=/etc/slurm
-MARKER=$CONF_DIR/.dlseg-cluster
+PID_DIR=${SLURM_CLUSTER_PID_DIR:-/run/dlseg-slurm-cluster}  # PIDs of the daemons this script started (+ "state")
+MARKER=$PID_DIR/state
 NODES=(node1 node2)
 CTLD_PORT=17000
 NODE_PORTS=17001-17002
@@ -42,7 +44,7 @@ pid_is() {
     [[ $comm == "$name"* ]]
 }
 
-read_pid() { [[ -r $1 ]] && tr -dc '0-9' <"$1" || true; }
+read_pid() { if [[ -r $1 ]]; then tr -dc '0-9' <"$1"; fi; }
 
 stop_pidfile() {
     # stop_pidfile FILE NAME: TERM the process recorded in FILE if it still runs NAME, wait (bounded), then KILL.
@@ -91,14 +93,14 @@ munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
 start_munge() {
     # Use a running munged if one answers; otherwise start one as the munge user and remember its PID.
-    local state=$1 pid
+    local pid
     if munge_ok; then return 0; fi
     [[ -s /etc/munge/munge.key ]] || unavailable "/etc/munge/munge.key is missing"
     install -d -o munge -g munge -m 0755 /run/munge
     runuser -u munge -- /usr/sbin/munged
     wait_for 15 "munged" munge_ok
     pid=$(read_pid /run/munge/munged.pid)
-    [[ -n $pid ]] && echo "$pid" >"$state/run/munged.pid"
+    [[ -n $pid ]] && echo "$pid" >"$PID_DIR/munged.pid"
 }
 
 # ---------- configuration ----------
@@ -107,7 +109,7 @@ write_config() {
     # slurm.conf + gres.conf for two nodes on this host; fake GPUs are links to /dev/null.
     local state=$1 host
     host=$(hostname)
-    mkdir -p "$state"/{run,log,spool/ctld,dev} "$CONF_DIR"
+    mkdir -p "$state"/{log,spool/ctld,dev} "$CONF_DIR" "$PID_DIR"
     ln -sfn /dev/null "$state/dev/gpu0"
     ln -sfn /dev/null "$state/dev/gpu1"
     grep -qE '^[0-9.]+[[:space:]]+node1 node2$' /etc/hosts || echo "127.0.0.1 node1 node2" >>/etc/hosts
@@ -141,8 +143,8 @@ InactiveLimit=0
 GresTypes=gpu
 StateSaveLocation=$state/spool/ctld
 SlurmdSpoolDir=$state/spool/slurmd-%n
-SlurmctldPidFile=$state/run/slurmctld.pid
-SlurmdPidFile=$state/run/slurmd-%n.pid
+SlurmctldPidFile=$PID_DIR/slurmctld.pid
+SlurmdPidFile=$PID_DIR/slurmd-%n.pid
 SlurmctldLogFile=$state/log/slurmctld.log
 SlurmdLogFile=$state/log/slurmd-%n.log
 NodeName=node[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=[$NODE_PORTS] CPUs=2 RealMemory=2000 Gres=gpu:2 State=UNKNOWN
@@ -160,8 +162,8 @@ EOF
 
 # ---------- daemons ----------
 
-ctld_running() { pid_is "$(read_pid "$1/run/slurmctld.pid")" slurmctld; }
-slurmd_running() { pid_is "$(read_pid "$1/run/slurmd-$2.pid")" slurmd; }
+ctld_running() { pid_is "$(read_pid "$PID_DIR/slurmctld.pid")" slurmctld; }
+slurmd_running() { pid_is "$(read_pid "$PID_DIR/slurmd-$1.pid")" slurmd; }
 
 nodes_idle() {
     # Both nodes report a usable state (idle, mixed or allocated).
@@ -184,18 +186,18 @@ resume_nodes() {
 
 start_daemons() {
     local state=$1 n
-    if ! ctld_running "$state"; then
-        rm -f "$state/run/slurmctld.pid"
+    if ! ctld_running; then
+        rm -f "$PID_DIR/slurmctld.pid"
         slurmctld -c -f "$CONF_DIR/slurm.conf"  # -c: start clean, no jobs carried over from an earlier cluster
-        wait_for 20 "slurmctld pid file" ctld_running "$state"
+        wait_for 20 "slurmctld pid file" ctld_running
     fi
     wait_for "$WAIT_S" "slurmctld to answer" scontrol ping
     for n in "${NODES[@]}"; do
-        if ! slurmd_running "$state" "$n"; then
+        if ! slurmd_running "$n"; then
             mkdir -p "$state/spool/slurmd-$n"
-            rm -f "$state/run/slurmd-$n.pid"
+            rm -f "$PID_DIR/slurmd-$n.pid"
             slurmd -N "$n" -f "$CONF_DIR/slurm.conf"
-            wait_for 20 "slurmd $n pid file" slurmd_running "$state" "$n"
+            wait_for 20 "slurmd $n pid file" slurmd_running "$n"
         fi
     done
     local i
@@ -209,11 +211,12 @@ start_daemons() {
 }
 
 stop_daemons() {
-    local state=$1 n
-    [[ -d $state/run ]] || return 0
-    for n in "${NODES[@]}"; do stop_pidfile "$state/run/slurmd-$n.pid" slurmd; done
-    stop_pidfile "$state/run/slurmctld.pid" slurmctld
-    stop_pidfile "$state/run/munged.pid" munged
+    # The daemons whose PIDs this script recorded, and nothing else.
+    local n
+    [[ -d $PID_DIR ]] || return 0
+    for n in "${NODES[@]}"; do stop_pidfile "$PID_DIR/slurmd-$n.pid" slurmd; done
+    stop_pidfile "$PID_DIR/slurmctld.pid" slurmctld
+    stop_pidfile "$PID_DIR/munged.pid" munged
 }
 
 # ---------- commands ----------
@@ -229,30 +232,34 @@ cmd_up() {
     previous=$(cat "$MARKER" 2>/dev/null || true)
     if [[ -n $previous && $previous != "$state" ]]; then
         log "stopping the cluster of $previous"
-        stop_daemons "$previous"
+        stop_daemons
     fi
-    if ctld_running "$state" && nodes_idle; then
+    if [[ $previous == "$state" ]] && ctld_running && nodes_idle; then
         log "already up ($state)"
         return 0
     fi
     write_config "$state"
-    start_munge "$state"
+    start_munge
     start_daemons "$state"
     log "up: nodes ${NODES[*]} (state in $state)"
 }
 
 cmd_down() {
-    local state=${1:-$(cat "$MARKER" 2>/dev/null || true)}
-    [[ -n $state ]] || { log "nothing to stop"; return 0; }
-    stop_daemons "$state"
-    [[ $(cat "$MARKER" 2>/dev/null || true) == "$state" ]] && rm -f "$MARKER"
-    log "down ($state)"
+    local state=${1:-} current
+    current=$(cat "$MARKER" 2>/dev/null || true)
+    if [[ -n $state && -n $current && $(cd "$state" 2>/dev/null && pwd -P) != "$current" ]]; then
+        log "the running cluster belongs to $current, not $state: left alone"
+        return 0
+    fi
+    stop_daemons
+    rm -f "$MARKER"
+    log "down (${current:-no state dir recorded})"
 }
 
 cmd_status() {
     local state=${1:-$(cat "$MARKER" 2>/dev/null || true)}
     [[ -n $state ]] || { echo "no cluster"; return 1; }
-    ctld_running "$state" || { echo "slurmctld not running ($state)"; return 1; }
+    ctld_running || { echo "slurmctld not running ($state)"; return 1; }
     sinfo -N
 }
 
