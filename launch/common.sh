@@ -91,10 +91,16 @@ dlseg_dist_env() {
 
 _dlseg_on_signal() {
     # Trap handler: remember the preemption and pass it on as USR1 (the trainer's save-and-exit signal).
-    local sig=$1
+    local sig=$1 first=${DLSEG_PREEMPT_SIGNAL:-yes}
     DLSEG_PREEMPT_SIGNAL=$sig
-    dlseg_log "got SIG$sig: asking the trainer to save and exit"
-    _dlseg_forward USR1
+    if [[ $first != yes ]]; then
+        _dlseg_forward USR1                          # a repeat: pass it on quietly
+    elif [[ -n $DLSEG_CHILD ]]; then
+        dlseg_log "got SIG$sig: asking the trainer to save and exit"
+        _dlseg_forward USR1
+    else
+        dlseg_log "got SIG$sig before the trainer started: it will be asked to save and exit once running"
+    fi
 }
 
 _dlseg_forward() {
@@ -112,12 +118,29 @@ _dlseg_forward() {
     fi
 }
 
+dlseg_catch_preemption() {
+    # From now on USR1/TERM are remembered (and passed to the trainer once it runs) instead of killing this shell.
+    trap '_dlseg_on_signal USR1' USR1
+    trap '_dlseg_on_signal TERM' TERM
+}
+
+_dlseg_remind() {
+    # After a preemption signal, repeat it every DLSEG_RESEND_S seconds while the trainer runs: one that arrived
+    # before the trainer installed its handler (during imports/setup) was ignored. The trainer's handler only sets a
+    # flag, so repeats are harmless.
+    local pause
+    sleep "${DLSEG_RESEND_S:-5}" &
+    pause=$!
+    wait "$pause" 2>/dev/null
+    if kill -0 "$DLSEG_CHILD" 2>/dev/null; then _dlseg_forward USR1; fi
+    return 0
+}
+
 dlseg_run_trainer() {
     # dlseg_run_trainer CMD...: run CMD in the background, pass USR1/TERM that this shell gets on to it as USR1, and
     # return CMD's exit status. The launcher (accelerate launch) ignores USR1, which would otherwise kill it: only
     # the trainer ranks, its children, act on it. With DLSEG_FORWARD_TO=self, CMD itself (srun) gets the signal.
-    trap '_dlseg_on_signal USR1' USR1
-    trap '_dlseg_on_signal TERM' TERM
+    dlseg_catch_preemption
     if [[ $DLSEG_FORWARD_TO == self ]]; then
         "$@" &
     else
@@ -126,6 +149,10 @@ dlseg_run_trainer() {
     DLSEG_CHILD=$!
     local rc again
     while :; do
+        if [[ -n $DLSEG_PREEMPT_SIGNAL ]] && kill -0 "$DLSEG_CHILD" 2>/dev/null; then
+            _dlseg_remind                            # preempted: remind the trainer until it has exited
+            continue
+        fi
         wait "$DLSEG_CHILD"
         rc=$?
         ((rc > 128)) || break                       # a real exit status
@@ -134,7 +161,6 @@ dlseg_run_trainer() {
         ((again != 127)) && rc=$again
         break
     done
-    trap - USR1 TERM
     DLSEG_CHILD=""
     return "$rc"
 }

@@ -184,11 +184,17 @@ def wait_for_training(slurm: Cluster, job: str, run: Path) -> None:
         time.sleep(0.1)
 
 
-def test_train_multinode_two_ranks_agree_and_survive_preemption(slurm, synthetic_store, tmp_path):
+def test_train_multinode_two_ranks_agree_and_survive_early_preemption(slurm, synthetic_store, tmp_path):
     run = tmp_path / "multinode"
     job = slurm.submit("launch/train_multinode.sbatch", *TINY, "--debug_shards", "true", sbatch=("--nodes=2",),
-                       env={"RUN": str(run), "DATA": str(synthetic_store)})
-    wait_for_training(slurm, job, run)
+                       env={"RUN": str(run), "DATA": str(synthetic_store), "DLSEG_RESEND_S": "1"})
+    # Signal as soon as both nodes run their launcher, while the trainer is still starting (not listening yet):
+    # the scripts repeat the signal until the trainer acts on it.
+    deadline = time.monotonic() + JOB_LIMIT_S
+    while "node 1 of 2 on node2" not in run_logs(run):
+        assert time.monotonic() < deadline and not set(slurm.states(job)) & TERMINAL, slurm.job_output(job)
+        time.sleep(0.1)
+    assert not list((run / "checkpoints").glob("step_*"))
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
     assert slurm.wait(job) == ["COMPLETED"], slurm.job_output(job) + run_logs(run)
     assert slurm.field(job, "Restarts") == "1"
