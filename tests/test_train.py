@@ -229,3 +229,22 @@ def test_options_accumulation_clipping_device_augment_channels_last(synthetic_st
     assert row["lr"] == pytest.approx(1e-3 / 2)                                  # warm-up epoch 0: lr/(1+1)
     _, meta = load_model(out / "model")
     assert meta["channels_last"] is True
+
+
+def test_cpu_threads_leave_cores_to_loader_workers(monkeypatch):
+    before = torch.get_num_threads()
+    fake = types.SimpleNamespace(device=torch.device("cpu"))
+    cores = len(os.sched_getaffinity(0))
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        cfg = trainer.TrainConfig()
+        cfg.loader.workers = 1
+        assert trainer.set_cpu_threads(fake, cfg) == max(1, cores - 1) == torch.get_num_threads()
+        cfg.cpu_threads = 3
+        assert trainer.set_cpu_threads(fake, cfg) == 3
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        cfg.cpu_threads = 0
+        assert trainer.set_cpu_threads(fake, cfg) == 3                    # left as it is
+    finally:
+        torch.set_num_threads(before)
