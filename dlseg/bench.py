@@ -1,0 +1,239 @@
+"""``python -m dlseg.bench [loader|augment|preprocess|predict|train|all]``: every hot path against its baselines.
+
+Each figure is measured in the same run as its baselines and the table leads with the ratio. By default the
+data is a synthetic CHAOS cohort generated and preprocessed once under ``runs/_bench/`` (reused afterwards).
+Each stage runs in a fresh process, so that the peak resident memory printed beside it is its own; runs whose
+memory matters on their own (prediction at two cohort sizes, preprocessing with 1 and N workers) get their own
+process too. See ``dlseg/benchmarks/`` for what each stage measures exactly.
+
+Exit status: 0 measured (goals met or not: the table says), 1 a stage failed, 2 unusable arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from dlseg.benchmarks.common import (
+    STAGES, BenchConfig, BenchSkip, Cohort, ensure_cohort, isolated, machine_info, run_stage,
+)
+from dlseg.console import console, fail
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    d = BenchConfig()
+    p = argparse.ArgumentParser(prog="python -m dlseg.bench", description=__doc__.splitlines()[0])
+    p.add_argument("stage", nargs="?", default="all", choices=(*STAGES, "all"))
+    p.add_argument("--store", help="an existing dlseg store instead of the synthetic cohort")
+    p.add_argument("--source", help="the CHAOS tree --store came from (DICOM baselines, predict, preprocess)")
+    p.add_argument("--json", help="write the results here (default: runs/_bench/bench-<time>.json)")
+    p.add_argument("--size", type=int, default=d.size, help="training size in pixels")
+    p.add_argument("--base-width", type=int, default=d.base_width, help="U-Net width of the first level")
+    p.add_argument("--depth", type=int, default=d.depth)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training/augmentation batch")
+    p.add_argument("--predict-batch-size", type=int, default=d.predict_batch_size)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=d.mixed_precision)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--workers", type=int, default=d.workers, help="trainer DataLoader workers")
+    p.add_argument("--predict-workers", type=int, default=d.predict_workers)
+    p.add_argument("--preprocess-workers", type=int, default=d.preprocess_workers, help="0 = one per core (≤ 8)")
+    p.add_argument("--augment-on", choices=("cpu", "device"), default=d.augment_on, help="trainer augmentation side")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch/OpenCV threads per process (0 = default)")
+    p.add_argument("--patients", type=int, default=d.patients, help="synthetic MR patients")
+    p.add_argument("--memory-cases", type=int, nargs=2, default=d.memory_cases, metavar=("SMALL", "LARGE"))
+    p.add_argument("--cache-dir", default=d.cache_dir, help="where the synthetic cohort is kept")
+    p.add_argument("--quick", action="store_true", help="shorter loops and smaller cohorts (about a minute)")
+    p.add_argument("--no-isolate", action="store_true", help="run stages in this process (memory not per stage)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> tuple[list[str], BenchConfig, str | None]:
+    """Stages to run, the config and the JSON path."""
+    a = build_parser().parse_args(argv)
+    cfg = BenchConfig(
+        size=a.size, base_width=a.base_width, depth=a.depth, batch_size=a.batch_size,
+        predict_batch_size=a.predict_batch_size, device=a.device, mixed_precision=a.mixed_precision,
+        channels_last=a.channels_last, workers=a.workers, predict_workers=a.predict_workers,
+        preprocess_workers=a.preprocess_workers, augment_on=a.augment_on, threads=a.threads, quick=a.quick,
+        patients=a.patients, memory_cases=tuple(a.memory_cases), store=a.store, source=a.source,
+        cache_dir=a.cache_dir, isolate=not a.no_isolate,
+    )
+    if a.quick and tuple(a.memory_cases) == BenchConfig().memory_cases:
+        cfg.memory_cases = (2, 8)
+    return (list(STAGES) if a.stage == "all" else [a.stage]), cfg, a.json
+
+
+def check_config(cfg: BenchConfig) -> None:
+    """ValueError naming the option that cannot work."""
+    for key in ("size", "base_width", "depth", "batch_size", "predict_batch_size", "patients", "predict_workers"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(cfg, key)}")
+    if cfg.workers < 0 or cfg.preprocess_workers < 0 or cfg.threads < 0:
+        raise ValueError("--workers, --preprocess-workers and --threads must be >= 0")
+    if cfg.size % (2 ** cfg.depth):
+        raise ValueError(f"--size {cfg.size}: must be a multiple of 2**depth = {2 ** cfg.depth}")
+    if not 1 <= cfg.memory_cases[0] < cfg.memory_cases[1]:
+        raise ValueError(f"--memory-cases {cfg.memory_cases}: expected 1 <= SMALL < LARGE")
+    if cfg.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device visible here")
+    if cfg.store and not Path(cfg.store, "zarr.json").is_file():
+        raise ValueError(f"--store {cfg.store}: no dlseg store here")
+    if cfg.source and not Path(cfg.source).is_dir():
+        raise ValueError(f"--source {cfg.source}: no such folder")
+
+
+def measure_stages(stages: list[str], cfg: BenchConfig, cohort: Cohort) -> dict[str, dict[str, Any]]:
+    """Every requested stage, each in its own process; a failure is recorded and the others go on."""
+    results: dict[str, dict[str, Any]] = {}
+    for name in stages:
+        with console.status(f"[bold]{name}[/] …"):
+            try:
+                result, memory = isolated(run_stage, name, cfg, cohort, isolate=cfg.isolate, threads=cfg.threads,
+                                          env={"ACCELERATE_USE_CPU": "true"} if cfg.device == "cpu" else {})
+                result["memory_mb"] = {"stage_peak_rss_mb": memory["peak_rss_mb"],
+                                       "stage_workers_peak_rss_mb": memory["children_peak_rss_mb"],
+                                       **result["memory_mb"]}
+                results[name] = result
+                console.print(f"{name}: done in {result['wall_s']:.0f} s", highlight=False)
+            except BenchSkip as e:
+                results[name] = {"stage": name, "skipped_stage": str(e)}
+                console.print(f"[yellow]{name}: skipped[/] ({e})", highlight=False)
+            except (RuntimeError, OSError, ValueError) as e:
+                results[name] = {"stage": name, "error": str(e)}
+                console.print(f"[red]{name}: failed[/] ({e})", highlight=False, soft_wrap=True)
+    return results
+
+
+def fmt_rate(x: float) -> str:
+    """A rate with sensible digits."""
+    if not isinstance(x, (int, float)) or not math.isfinite(x):
+        return "–"
+    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def fmt_ratio(x: float) -> str:
+    """A ratio: ``12.3×`` above 1.5, else two decimals."""
+    if not math.isfinite(x):
+        return "–"
+    return f"{x:,.1f}×" if x >= 1.5 else f"{x:.2f}"
+
+
+def goal_text(row: dict[str, Any]) -> str:
+    """``≥ 10`` / ``≤ 1.1`` with a tick or a cross; blank when informational."""
+    parts = []
+    if row.get("goal_min") is not None:
+        parts.append(f"≥ {row['goal_min']:.2g}")
+    if row.get("goal_max") is not None:
+        parts.append(f"≤ {row['goal_max']:.2g}")
+    if not parts:
+        return ""
+    return " ".join(parts) + (" [green]✓[/]" if row["met"] else " [red]✗ not met[/]")
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> Table:
+    """One row per comparison: ratio first, then the goal, both rates and the stage's peak memory."""
+    table = Table(title="dlseg benchmark (ratio = ours ÷ baseline, measured in the same run)", header_style="bold")
+    for col, just in (("ratio", "right"), ("goal", "left"), ("stage", "left"), ("comparison", "left"),
+                      ("ours", "right"), ("baseline", "right"), ("unit", "left"), ("peak RSS MB", "right")):
+        table.add_column(col, justify=just)
+    for name, res in results.items():
+        if "comparisons" not in res:
+            table.add_row("–", "", name, res.get("skipped_stage") or f"[red]{res.get('error')}[/]", "", "", "", "")
+            continue
+        peak = res["memory_mb"].get("stage_peak_rss_mb", float("nan"))
+        for i, row in enumerate(res["comparisons"]):
+            scale = row["baseline_scale"]
+            base = fmt_rate(row["baseline_rate"]) + (f" ({scale:g}×{fmt_rate(row['baseline_rate'] / scale)})"
+                                                      if scale != 1 else "")
+            table.add_row(f"[bold]{fmt_ratio(row['ratio'])}", goal_text(row), name, row["name"],
+                          fmt_rate(row["ours_rate"]), base, res["unit"], f"{peak:,.0f}" if i == 0 else "")
+        for key, why in res.get("skipped", {}).items():
+            table.add_row("–", "", name, f"{key}: skipped ({why})", "", "", "", "")
+    return table
+
+
+def memory_table(results: dict[str, dict[str, Any]]) -> Table:
+    """Memory checks and the per-run peaks behind them."""
+    table = Table(title="memory (peak resident set size)", header_style="bold")
+    for col in ("ratio", "goal", "stage", "check", "value MB", "reference MB"):
+        table.add_column(col, justify="right" if col in ("ratio", "value MB", "reference MB") else "left")
+    for name, res in results.items():
+        for row in res.get("memory_checks", []):
+            table.add_row(f"[bold]{fmt_ratio(row['ratio'])}", goal_text(row), name, row["name"],
+                          f"{row['value_mb']:,.1f}", f"{row['reference_mb']:,.1f}")
+        for key, value in res.get("memory_mb", {}).items():
+            table.add_row("", "", name, key, f"{value:,.1f}", "")
+    return table
+
+
+def header_lines(machine: dict[str, Any], cfg: BenchConfig, cohort: Cohort) -> list[str]:
+    """What was measured on, at which sizes."""
+    return [
+        f"machine: {machine['cpu']}, {machine['cpu_cores']} cores, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads), device {machine['device_name']}, load average "
+        f"{machine['load_average_1min']:.1f}",
+        f"sizes: {cfg.size}×{cfg.size} px, U-Net base width {cfg.base_width} depth {cfg.depth}, batch {cfg.batch_size} "
+        f"(predict {cfg.predict_batch_size}), precision {cfg.mixed_precision}, channels_last {cfg.channels_last}, "
+        f"trainer workers {cfg.workers}, augment on {cfg.augment_on}, predict workers {cfg.predict_workers}, "
+        f"memory cohorts {cfg.memory_cases[0]}/{cfg.memory_cases[1]} cases{' (quick)' if cfg.quick else ''}",
+        f"data: store {cohort.store}" + (f", sources {cohort.chaos}" if cohort.chaos else ", no DICOM sources"),
+    ]
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    """Write the results atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run(stages: list[str], cfg: BenchConfig, json_path: str | None) -> tuple[dict[str, Any], Path]:
+    """Measure, print the tables, write the JSON; returns the document and where it went."""
+    machine = machine_info(cfg.device)
+    cohort = ensure_cohort(cfg, lambda msg: console.print(msg, highlight=False))
+    for line in header_lines(machine, cfg, cohort):
+        console.print(line, highlight=False, soft_wrap=True)
+    results = measure_stages(stages, cfg, cohort)
+    doc = {"format": "dlseg-bench", "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "command": "python -m dlseg.bench " + " ".join(sys.argv[1:]), "machine": machine,
+           "config": asdict(cfg), "stages": results}
+    console.print(results_table(results))
+    console.print(memory_table(results))
+    path = Path(json_path) if json_path else Path(cfg.cache_dir) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_json(path, doc)
+    console.print(f"results: {path}", highlight=False)
+    return doc, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0 when every stage measured, 1 when one failed, 2 for unusable arguments."""
+    try:
+        stages, cfg, json_path = parse_args(argv)
+    except SystemExit as e:  # argparse printed usage and the reason
+        return int(e.code or 0)
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE)
+    doc, _ = run(stages, cfg, json_path)
+    return EXIT_FAILED if any("error" in r for r in doc["stages"].values()) else EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

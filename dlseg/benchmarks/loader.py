@@ -1,0 +1,176 @@
+"""Loader stage: samples/s of ``SliceDataset`` (read + normalize + resize, no augmentation) in one process.
+
+Measured in sampler order (``EpochSampler``, epoch 0) over the training split, item by item through
+``__getitem__`` (``workers=0``: one process, nothing hidden by parallelism), against per-sample baselines that
+produce the same item (image (1,S,S) float32 tensor, mask (S,S) int64 tensor):
+
+* ``dicom``: the article's way: ``pydicom.dcmread`` the slice + rescale slope/intercept, ``cv2.imread`` its PNG,
+  labels, normalize with the case's stored statistics, pad + resize;
+* ``zarr_per_sample``: a naive store reader: one ``zarr`` call per array per sample, then the same normalize/resize;
+* ``memory_floor``: copying the prepared slice and mask out of memory (what the cache hands back, minus the cache).
+
+``SliceDataset`` is measured cold (a fresh dataset: every case read once, with one zarr call per array, and
+prepared on first touch), warm (every case already in the per-process cache: the steady state of later epochs
+with persistent workers) and with a cache bounded to two cases (a cohort larger than the budget).
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pydicom
+import torch
+from pydicom.pixels import apply_rescale
+
+from dlseg.data import MB, DataConfig, EpochSampler, SliceDataset
+from dlseg.normalize import NormConfig, ResizeMapping, normalize
+
+from .common import BenchConfig, BenchSkip, Cohort, Comparison, StageResult, Timing, measure
+
+def prepare_slice(image: np.ndarray, mask: np.ndarray, stats: dict, modality: str, size: int,
+                  norm: NormConfig) -> dict:
+    """One raw slice + label slice → the dataset's item (normalize, pad with the slice minimum, resize)."""
+    img = normalize(image, stats, modality, norm)
+    mapping = ResizeMapping(int(img.shape[0]), int(img.shape[1]), size)
+    x = mapping.forward(img, fill=float(img.min()))
+    m = mapping.forward(mask, is_mask=True)
+    return {"image": torch.from_numpy(x[None].copy()), "mask": torch.from_numpy(m.astype(np.int64))}
+
+
+class DicomPerSample:
+    """The article's loader: decode the slice's DICOM file and ground-truth PNG for every sample."""
+
+    def __init__(self, dataset: SliceDataset, chaos, size: int):
+        from preprocess.layout import discover
+        from preprocess.masks import lookup_table
+
+        store = dataset.cache.store()
+        sources = {s.case_id: s for s in discover(chaos, "t1-in", "liver")[0]}
+        missing = [c for c in dataset.case_ids if c not in sources]
+        if missing:
+            raise BenchSkip(f"{chaos}: no DICOM sources for {', '.join(missing[:3])}")
+        self.files, self.attrs = [], []
+        for cid in dataset.case_ids:
+            attrs = store.info(cid).attrs
+            root = sources[cid].root
+            self.files.append(([root / f for f in attrs["source_files"]], [root / f for f in attrs["mask_files"]]))
+            self.attrs.append(attrs)
+        self.lut = lookup_table("MR", "liver")
+        self.rows = dataset.index.tolist()
+        self.size = size
+        self.norm = NormConfig()
+
+    def __call__(self, i: int) -> dict:
+        c, z = self.rows[i]
+        images, masks = self.files[c]
+        ds = pydicom.dcmread(images[z])
+        image = apply_rescale(ds.pixel_array, ds)
+        labels = self.lut[cv2.imread(str(masks[z]), cv2.IMREAD_GRAYSCALE)]
+        attrs = self.attrs[c]
+        return prepare_slice(image, labels, attrs["stats"], attrs["modality"], self.size, self.norm)
+
+
+class ZarrPerSample:
+    """A naive store reader: one zarr call per array for every sample, then normalize and resize."""
+
+    def __init__(self, dataset: SliceDataset, size: int):
+        self.store = dataset.cache.store()
+        self.case_ids = dataset.case_ids
+        self.attrs = [self.store.info(c).attrs for c in self.case_ids]
+        self.rows = dataset.index.tolist()
+        self.size = size
+        self.norm = NormConfig()
+
+    def __call__(self, i: int) -> dict:
+        c, z = self.rows[i]
+        image, mask = self.store.read_slices(self.case_ids[c], z, z + 1)
+        attrs = self.attrs[c]
+        return prepare_slice(image[0], mask[0], attrs["stats"], attrs["modality"], self.size, self.norm)
+
+
+class MemoryFloor:
+    """The floor: the prepared slice and mask copied out of memory into the same tensors."""
+
+    def __init__(self, dataset: SliceDataset):
+        self.cases = [dataset.cache.get(c) for c in dataset.case_ids]
+        self.rows = dataset.index.tolist()
+
+    def __call__(self, i: int) -> dict:
+        c, z = self.rows[i]
+        case = self.cases[c]
+        return {"image": torch.from_numpy(case.image[z:z + 1].copy()),
+                "mask": torch.from_numpy(case.mask[z].astype(np.int64))}
+
+
+def epoch_order(dataset: SliceDataset, seed: int, block_cases: int | None = None) -> list[int]:
+    """Indices of epoch 0 as the training sampler orders them."""
+    return EpochSampler(dataset, seed, block_cases=block_cases).order(0).tolist()
+
+
+def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
+    """Measure the loader and its baselines; see the module docstring."""
+    from dlseg.store import Store
+
+    res = StageResult("loader", "samples/s")
+    cases = Store(cohort.store).split_cases("train")
+    data_cfg = DataConfig(size=cfg.size, workers=0, cache_mb=1 << 16)
+    dataset = SliceDataset(cohort.store, cases, data_cfg)
+    order = epoch_order(dataset, cfg.seed)
+    budget = cfg.scaled(cfg.budget_s)
+
+    cold = measure(dataset.__getitem__, order, budget_s=float("inf"))          # a whole first epoch
+    res.add("slicedataset_cold", cold)
+    warm_order = order * (1 if cfg.quick else 3)
+    res.add("slicedataset_warm", measure(dataset.__getitem__, warm_order, budget))
+
+    floor = MemoryFloor(dataset)
+    res.add("memory_floor", measure(floor, warm_order, budget))
+    res.add("zarr_per_sample", measure(ZarrPerSample(dataset, cfg.size), order, budget))
+    if cohort.chaos is None:
+        res.skipped["dicom"] = "no --source CHAOS tree for the given store"
+    else:
+        res.add("dicom", measure(DicomPerSample(dataset, cohort.chaos, cfg.size), order, budget))
+
+    two_cases_mb = math.ceil(2 * dataset.case_bytes() / MB)
+    bounded = SliceDataset(cohort.store, cases, DataConfig(size=cfg.size, workers=0, cache_mb=two_cases_mb))
+    budget_bytes = bounded.cache.budget_bytes
+    b_order = epoch_order(bounded, cfg.seed)
+    peak = [0]
+
+    def bounded_get(i: int) -> None:
+        bounded[i]
+        peak[0] = max(peak[0], bounded.cache.nbytes)
+
+    res.add("slicedataset_bounded_cold", measure(bounded_get, b_order, budget_s=float("inf")))
+
+    res.compare(Comparison("SliceDataset (warm cache) vs DICOM+PNG per sample", "slicedataset_warm", "dicom",
+                           "times faster than decoding the source files per sample (the article's loader)",
+                           goal_min=10.0))
+    res.compare(Comparison("SliceDataset (first epoch, cold) vs DICOM+PNG per sample", "slicedataset_cold", "dicom",
+                           "the same, counting every case's first read and preparation", goal_min=10.0))
+    res.compare(Comparison("SliceDataset (warm cache) vs one zarr call per sample", "slicedataset_warm",
+                           "zarr_per_sample", "times faster than a naive per-sample store reader"))
+    res.compare(Comparison("SliceDataset (warm cache) vs memory copy (floor)", "slicedataset_warm", "memory_floor",
+                           "fraction of the floor reached; ≥ 0.33 means within 3× of copying from memory",
+                           goal_min=1 / 3))
+    res.compare(Comparison("SliceDataset, cache bounded to 2 cases (cold) vs DICOM per sample",
+                           "slicedataset_bounded_cold", "dicom",
+                           "a cohort larger than the cache budget: blocked epoch order, one read per case"))
+    res.details.update({
+        "cases": len(cases), "samples_per_epoch": len(dataset), "size": cfg.size,
+        "cache_reads_cold_epoch": dataset.cache.reads, "prepared_case_mb_max": dataset.case_bytes() / MB,
+        "bounded_cache_budget_mb": budget_bytes / MB, "bounded_cache_peak_mb": peak[0] / MB,
+        "bounded_cache_reads": bounded.cache.reads,
+    })
+    res.memory_checks.append({
+        "name": "bounded per-worker cache stays within its budget", "value_mb": peak[0] / MB,
+        "reference_mb": budget_bytes / MB, "ratio": peak[0] / budget_bytes if budget_bytes else float("nan"),
+        "goal_max": 1.0, "met": bool(peak[0] <= budget_bytes),
+        "meaning": "bytes of prepared cases held by the cache ÷ the configured budget (cache_mb)"})
+    res.notes.append("one process, workers=0, items one by one through __getitem__ in the training sampler's "
+                     "order; warm = every case already prepared in the per-process cache (epochs after the first "
+                     "with persistent workers); cold = a fresh dataset's first epoch")
+    return res
+

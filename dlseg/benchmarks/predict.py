@@ -1,0 +1,150 @@
+"""Predict stage: end-to-end slices/s from DICOM folders to PNG files vs the forward pass alone and vs one slice
+at a time; prediction memory at a small and a large cohort.
+
+* ``end_to_end``: ``predictor.predict_cohort`` on a CHAOS tree (DICOM + PNG out, case-loading workers, packed
+  batches, writer threads), timed around the whole call (model loading and discovery included), in a fresh
+  process so that its peak memory is its own;
+* ``forward_ceiling``: ``Predictor.forward_in_memory``: the same model, precision and batch size over the same
+  cases' slices already prepared and on the device;
+* ``slice_by_slice``: ``predictor.slicewise_baseline``, the article's predict: read a series, one slice per forward
+  pass, one PNG per slice.
+
+The model has the benchmark's architecture with random weights whose output layer is rescaled so that logits
+spread over about ±8 (masks with structure, like a trained model's): speed does not depend on the weights.
+The large cohort repeats the synthetic patients (symlinked folders) to reach its case count.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import BenchConfig, BenchSkip, Cohort, Comparison, StageResult, Timing, isolated, memory_check, \
+    quiet_console, replicated_tree, sync
+
+
+def export_bench_model(cfg: BenchConfig, out: Path) -> Path:
+    """A U-Net of the benchmark's size with random weights (output spread ±8), exported like a trained one."""
+    from dlseg.export import export_model
+    from dlseg.model import build_model
+    from dlseg.normalize import NormConfig
+
+    torch.manual_seed(cfg.seed)
+    arch = {"name": "unet", "in_channels": 1, "num_classes": 1, "base_width": cfg.base_width, "depth": cfg.depth,
+            "bilinear": True}
+    model = build_model(arch).eval()
+    with torch.no_grad():
+        y = model(torch.randn(4, 1, cfg.size, cfg.size))
+        k = 4.0 / float(y.std())
+        model.outc.conv.weight.mul_(k)
+        model.outc.conv.bias.copy_((model.outc.conv.bias - y.mean()) * k)
+    meta = {"arch": arch, "normalization": NormConfig().to_dict(), "train_size": cfg.size, "context_slices": 0,
+            "labels": "liver", "modality": "MR", "sequence": "t1-in", "threshold": 0.5,
+            "channels_last": cfg.channels_last, "epoch": 0, "val_dice": 0.0, "store_fingerprint": "benchmark"}
+    return export_model(model, meta, out)
+
+
+def end_to_end(model: str, tree: str, out: str, cfg: BenchConfig) -> dict:
+    """``predict_cohort`` DICOM → PNG into a fresh folder; slices, seconds and the loop's own figures."""
+    from dlseg.predictor import PredictConfig, predict_cohort
+
+    shutil.rmtree(out, ignore_errors=True)
+    pc = PredictConfig(model=model, input=tree, out=out, input_kind="chaos", batch_size=cfg.predict_batch_size,
+                       workers=cfg.predict_workers, mixed_precision=cfg.mixed_precision)
+    start = time.perf_counter()
+    with quiet_console():
+        totals = predict_cohort(pc)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    if totals is None or totals["failed"]:
+        raise RuntimeError(f"{tree}: prediction failed for {totals and totals['failed']} case(s)")
+    return {"slices": int(totals["slices_predicted"]), "seconds": seconds, "cases": int(totals["predicted"]),
+            "loop_images_per_s": totals["images_per_s"], "data_wait_fraction": totals["data_wait_fraction"]}
+
+
+def prepared_slices(predictor, store_path: Path) -> torch.Tensor:
+    """Every case of the store prepared exactly as prediction prepares it: (N, 1, S, S) float32."""
+    from dlseg.store import Store
+
+    store = Store(store_path)
+    volumes = []
+    for cid in store.cases:
+        image, _ = store.read_case(cid, mask=False)
+        volumes.append(predictor.prepare(image, store.info(cid).attrs.get("stats"))[0])
+    return torch.from_numpy(np.concatenate(volumes))[:, None]
+
+
+def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
+    """Measure end-to-end prediction, its ceiling and the slice-by-slice baseline; memory at two cohort sizes."""
+    from dlseg.predictor import Predictor, slicewise_baseline
+    from preprocess.layout import discover
+
+    if cohort.chaos is None:
+        raise BenchSkip("needs DICOM folders (--source) to predict from")
+    res = StageResult("predict", "slices/s")
+    work = cohort.root / "scratch-predict"
+    shutil.rmtree(work, ignore_errors=True)
+    model_dir = export_bench_model(cfg, work / "model")
+    small_n, large_n = cfg.memory_cases
+    small = replicated_tree(cohort.chaos, small_n, work / f"cohort-{small_n}")
+    large = replicated_tree(cohort.chaos, large_n, work / f"cohort-{large_n}")
+    env = {"ACCELERATE_USE_CPU": "true"} if cfg.device == "cpu" else {}
+
+    e2e_small, mem_small = isolated(end_to_end, str(model_dir), str(small), str(work / "out-small"), cfg,
+                                    isolate=cfg.isolate, env=env, threads=cfg.threads)
+    e2e_large, mem_large = isolated(end_to_end, str(model_dir), str(large), str(work / "out-large"), cfg,
+                                    isolate=cfg.isolate, env=env, threads=cfg.threads)
+    res.add("end_to_end", Timing(e2e_small["slices"], e2e_small["seconds"]))
+    res.add(f"end_to_end_{large_n}_cases", Timing(e2e_large["slices"], e2e_large["seconds"]))
+
+    predictor = Predictor.load(model_dir, device=cfg.device, mixed_precision=cfg.mixed_precision)
+    slices = prepared_slices(predictor, cohort.store)
+    if cfg.quick:
+        slices = slices[:4 * cfg.predict_batch_size]
+    slices = slices.to(cfg.device)
+    predictor.forward_in_memory(slices[:cfg.predict_batch_size], cfg.predict_batch_size)   # warm-up
+    sync(cfg.device)
+    start = time.perf_counter()
+    n = predictor.forward_in_memory(slices, cfg.predict_batch_size)
+    res.add("forward_ceiling", Timing(n, time.perf_counter() - start))
+
+    sources = discover(small, "t1-in", "liver")[0][:1 if cfg.quick else max(1, cfg.slicewise_cases)]
+    start, count = time.perf_counter(), 0
+    for k, src in enumerate(sources):
+        count += slicewise_baseline(predictor, src.image_files, work / "slicewise" / str(k))
+    res.add("slice_by_slice", Timing(count, time.perf_counter() - start))
+    shutil.rmtree(work, ignore_errors=True)
+
+    res.compare(Comparison("end-to-end DICOM→PNG vs forward pass alone (ceiling)", "end_to_end", "forward_ceiling",
+                           "fraction of the model's in-memory speed kept end to end", goal_min=0.8))
+    res.compare(Comparison("end-to-end DICOM→PNG vs one slice at a time (article)", "end_to_end", "slice_by_slice",
+                           "times faster than the article's predict loop"))
+    res.compare(Comparison(f"end-to-end on {large_n} cases vs forward pass alone", f"end_to_end_{large_n}_cases",
+                           "forward_ceiling", "the same at the larger cohort"))
+    res.memory = {f"{small_n}_cases_main_peak_rss_mb": mem_small["peak_rss_mb"],
+                  f"{large_n}_cases_main_peak_rss_mb": mem_large["peak_rss_mb"],
+                  f"{small_n}_cases_worker_peak_rss_mb": mem_small["children_peak_rss_mb"],
+                  f"{large_n}_cases_worker_peak_rss_mb": mem_large["children_peak_rss_mb"]}
+    if cfg.isolate:
+        res.memory_checks.append(memory_check(
+            f"prediction peak memory, {large_n} vs {small_n} cases (main process)", mem_large["peak_rss_mb"],
+            mem_small["peak_rss_mb"], 1.10, "peak RSS at the large cohort ÷ at the small one; ≤ 1.10 = does not grow"))
+        res.memory_checks.append(memory_check(
+            f"prediction peak memory, {large_n} vs {small_n} cases (largest loader worker)",
+            mem_large["children_peak_rss_mb"], mem_small["children_peak_rss_mb"], 1.10,
+            "the same for the case-loading worker processes"))
+    res.details.update({
+        "cases": e2e_small["cases"], "slices": e2e_small["slices"], "large_cases": e2e_large["cases"],
+        "large_slices": e2e_large["slices"], "ceiling_slices": n, "slicewise_cases": len(sources),
+        "batch_size": cfg.predict_batch_size, "workers": cfg.predict_workers, "size": cfg.size,
+        "base_width": cfg.base_width, "device": cfg.device, "mixed_precision": cfg.mixed_precision,
+        "loop_images_per_s": e2e_small["loop_images_per_s"], "data_wait_fraction": e2e_small["data_wait_fraction"],
+    })
+    res.notes.append("end-to-end timed around predict_cohort (model load, discovery, DICOM decode, normalize, "
+                     "forward, resize back, PNG writes) in a fresh process; ceiling = forward + probabilities on "
+                     "prepared slices already on the device")
+    return res

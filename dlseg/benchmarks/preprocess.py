@@ -1,0 +1,98 @@
+"""Preprocess stage: ``python -m preprocess`` slices/s with 1 and N workers vs decoding alone, and memory per worker.
+
+* ``decode_only``: ``preprocess.convert.decode_case`` over every case in one process (read DICOM + PNG, nothing
+  written): the work no converter can avoid;
+* ``workers_1`` / ``workers_N``: ``preprocess.cli.run`` into a fresh store (statistics, compression, atomic
+  writes, split), each in its own process so that its peak memory is its own; with N workers the largest
+  worker's peak is the per-worker figure (spawned pool processes).
+* ``idle worker``: a process that has imported the converter and done nothing: the floor of every worker.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+from .common import MB, BenchConfig, BenchSkip, Cohort, Comparison, StageResult, Timing, isolated, memory_check
+
+
+def decode_all(chaos: str) -> dict:
+    """Decode every T1-in case once in this process; slices, seconds and the largest case's bytes."""
+    from preprocess.convert import decode_case
+    from preprocess.layout import discover
+
+    sources = discover(chaos, "t1-in", "liver")[0]
+    start, slices, largest = time.perf_counter(), 0, 0
+    for src in sources:
+        image, mask = decode_case(src, "liver")
+        slices += int(image.shape[0])
+        largest = max(largest, image.nbytes + (mask.nbytes if mask is not None else 0))
+    return {"slices": slices, "seconds": time.perf_counter() - start, "cases": len(sources), "largest_case_bytes": largest}
+
+
+def convert_all(chaos: str, out: str, workers: int) -> dict:
+    """``python -m preprocess`` (library call) into a fresh store with ``workers`` processes; slices and seconds."""
+    from preprocess.cli import PreprocessConfig, run
+
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    report = run(PreprocessConfig(src=chaos, out=out, modality="t1-in", workers=workers), show_progress=False)
+    seconds = time.perf_counter() - start
+    if report.failures:
+        raise RuntimeError(f"{out}: {len(report.failures)} case(s) failed to convert")
+    slices = sum(int(c["slices"]) for c in report.root["cases"].values())
+    shutil.rmtree(out, ignore_errors=True)
+    return {"slices": slices, "seconds": seconds, "cases": len(report.root["cases"])}
+
+
+def idle_worker() -> dict:
+    """Import what a conversion worker imports, do nothing (its peak memory is the floor)."""
+    import preprocess.convert  # noqa: F401
+    return {}
+
+
+def default_workers(cfg: BenchConfig) -> int:
+    """N for the parallel run: the configured count, else what ``python -m preprocess`` would use."""
+    from preprocess.cli import default_workers as cli_default
+    return cfg.preprocess_workers or max(2, cli_default())
+
+
+def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
+    """Measure decoding alone, conversion with 1 and N workers, and memory per worker."""
+    if cohort.chaos is None:
+        raise BenchSkip("needs the DICOM sources (--source) of the given store")
+    res = StageResult("preprocess", "slices/s")
+    chaos, scratch = str(cohort.chaos), cohort.root / "scratch-preprocess"
+    scratch.mkdir(parents=True, exist_ok=True)
+    n = default_workers(cfg)
+    decoded, mem_decode = isolated(decode_all, chaos, isolate=cfg.isolate, threads=cfg.threads)
+    one, mem_one = isolated(convert_all, chaos, str(scratch / "w1.zarr"), 1, isolate=cfg.isolate, threads=cfg.threads)
+    many, mem_many = isolated(convert_all, chaos, str(scratch / f"w{n}.zarr"), n, isolate=cfg.isolate, threads=cfg.threads)
+    _, mem_idle = isolated(idle_worker, isolate=cfg.isolate, threads=cfg.threads)
+    shutil.rmtree(scratch, ignore_errors=True)
+    res.add("decode_only", Timing(decoded["slices"], decoded["seconds"]))
+    res.add("workers_1", Timing(one["slices"], one["seconds"]))
+    res.add(f"workers_{n}", Timing(many["slices"], many["seconds"]))
+    res.compare(Comparison(f"{n} workers vs {n} × 1 worker (parallel efficiency)", f"workers_{n}", "workers_1",
+                           "fraction of perfect scaling over worker processes", goal_min=0.8, baseline_scale=n))
+    res.compare(Comparison("1 worker vs decoding alone", "workers_1", "decode_only",
+                           "share of the time spent decoding when converting (1.0 = conversion costs nothing more)"))
+    res.compare(Comparison(f"{n} workers vs decoding alone (1 process)", f"workers_{n}", "decode_only",
+                           "end-to-end conversion speed against decoding the same files once in one process"))
+    case_mb = decoded["largest_case_bytes"] / MB
+    worker_peak = mem_many["children_peak_rss_mb"]
+    idle = mem_idle["peak_rss_mb"]
+    res.memory = {"decode_only_peak_rss_mb": mem_decode["peak_rss_mb"],
+                  "workers_1_peak_rss_mb": mem_one["peak_rss_mb"],
+                  f"workers_{n}_main_peak_rss_mb": mem_many["peak_rss_mb"],
+                  f"workers_{n}_per_worker_peak_rss_mb": worker_peak,
+                  "idle_worker_rss_mb": idle, "largest_case_mb": case_mb}
+    if cfg.isolate:
+        res.memory_checks.append(memory_check(
+            "per-worker working memory vs the largest decoded case", max(worker_peak - idle, 0.0), case_mb, 4.0,
+            "(worker peak − idle worker) ÷ largest case (image + mask as decoded); ≤ 4 = a few cases, never the cohort"))
+    res.details.update({"cases": decoded["cases"], "slices": decoded["slices"], "workers": n})
+    res.notes.append("each run in a fresh process (worker start-up and the final split/finalize included); "
+                     "decoding alone is timed inside its process")
+    return res
+
