@@ -162,7 +162,7 @@ class Predictor:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **options: Any) -> "Predictor":
         """Load an exported model (raises ModelError with one line when missing or not matching its JSON)."""
-        model, meta = load_model(path, device=device)
+        model, meta = load_model(path)          # on the CPU (safetensors rejects e.g. "cpu:0"); moved below
         return cls(model, meta, device, **options)
 
     def settings(self) -> dict[str, Any]:
@@ -376,7 +376,7 @@ def _identity(item: Any) -> Any:
 
 
 def _worker_init(_: int) -> None:
-    """One intra-op thread per worker process: workers are the parallelism."""
+    """One intra-op thread per (spawned) worker process: workers are the parallelism."""
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
 
@@ -740,8 +740,9 @@ class LoopStats:
     cases: int = 0
     slices: int = 0
     batches: int = 0
-    loop_s: float = 0.0
-    wait_s: float = 0.0
+    loop_s: float = 0.0                  # after the first case arrived
+    wait_s: float = 0.0                  # blocked on the loader after the first case
+    startup_s: float | None = None       # until the first case arrived (worker start + first read)
 
 
 class CohortRunner:
@@ -761,7 +762,9 @@ class CohortRunner:
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=w, collate_fn=_identity,
                           pin_memory=self.predictor.device.type == "cuda",
                           prefetch_factor=self.cfg.prefetch if w > 0 else None,
-                          worker_init_fn=_worker_init if w > 0 else None)
+                          worker_init_fn=_worker_init if w > 0 else None,
+                          # spawn: forking after OpenCV/OpenMP thread pools and the progress thread can hang workers
+                          multiprocessing_context="spawn" if w > 0 else None)
 
     def run(self, specs: list[CaseSpec], progress=None, task=None) -> LoopStats:
         """Predict and write every case of ``specs``; failures are noted on disk and in ``self.failures``."""
@@ -780,7 +783,10 @@ class CohortRunner:
                 while not exhausted and sum(a.z - a.next_z for a in active) < cfg.batch_size:
                     t0 = time.perf_counter()
                     item = next(it, None)
-                    self.stats.wait_s += time.perf_counter() - t0
+                    if self.stats.startup_s is None:      # worker start-up, not steady-state starvation
+                        self.stats.startup_s = time.perf_counter() - t_start
+                    else:
+                        self.stats.wait_s += time.perf_counter() - t0
                     if item is None:
                         exhausted = True
                     elif not item["ok"]:
@@ -801,7 +807,7 @@ class CohortRunner:
                 pending = {f for f in pending if not f.done()}
             for f in list(pending):
                 f.result()
-        self.stats.loop_s = time.perf_counter() - t_start
+        self.stats.loop_s = time.perf_counter() - t_start - (self.stats.startup_s or 0.0)
         return self.stats
 
     def _step(self, active: deque[_Active]) -> None:
@@ -855,17 +861,31 @@ class CohortRunner:
                 progress.update(task, advance=spec.slices, info=f"{self.stats.cases} cases, {len(self.failures)} failed")
 
 
+def process_state():
+    """Accelerate's process state (MULTI_CPU when ``ACCELERATE_USE_CPU=true``); refuses a silently split launch."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if state.num_processes != launched:
+        raise ConfigError(
+            f"launch: the launcher started {launched} processes (WORLD_SIZE) but this one sees {state.num_processes} "
+            f"(no process group; on CPU-only machines set ACCELERATE_USE_CPU=true); refusing to predict every case "
+            f"{launched} times")
+    return state
+
+
 def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
     """Predict every case of ``cfg.input`` on all processes of the launch; the main process returns the summary.
 
     Raises ConfigError / ModelError / UsageError / StoreError (exit status 2) for unusable arguments.
     Returns None on non-main processes.
     """
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, gather_object
 
     cfg.check()
-    state = PartialState()
+    state = process_state()
     predictor = Predictor.load(cfg.model, device=state.device, tta=cfg.tta, threshold=cfg.threshold,
                                keep_largest=cfg.keep_largest, mixed_precision=cfg.mixed_precision)
     out = Path(cfg.out)
@@ -909,7 +929,9 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
         "reused": sum(r["status"] == "reused" for r in rows), "failed": sum(r["status"] == "failed" for r in rows),
         "world_size": state.num_processes, "slices_predicted": slices,
         "images_per_s": round(slices / loop_s, 2) if loop_s > 0 else None,
-        "data_wait_fraction": round(wait, 4), "model_fingerprint": ident.model_fingerprint,
+        "data_wait_fraction": round(wait, 4),
+        "startup_s": round(max((s["startup_s"] or 0.0 for s in all_stats), default=0.0), 3),
+        "model_fingerprint": ident.model_fingerprint,
         "settings": settings, "input_kind": plan_d["kind"],
     }
     write_summary(out, rows, totals)
@@ -923,7 +945,8 @@ def report(totals: dict[str, Any], rows: list[dict[str, Any]], cfg: PredictConfi
         f"predicted {totals['predicted']}, reused {totals['reused']}, failed {totals['failed']} of "
         f"{totals['cases_total']} cases on {totals['world_size']} process(es); "
         f"{totals['slices_predicted']} slices at {totals['images_per_s'] or 0:.1f} images/s; "
-        f"waiting for data {100 * totals['data_wait_fraction']:.1f}% of the time", highlight=False)
+        f"waiting for data {100 * totals['data_wait_fraction']:.1f}% of the time after a "
+        f"{totals['startup_s']:.1f} s start", highlight=False)
     if totals["slices_predicted"] and totals["data_wait_fraction"] > cfg.wait_warning:
         console.print(f"[yellow]note:[/] the model waited for data {100 * totals['data_wait_fraction']:.0f}% of "
                       f"the time; more --workers (now {cfg.workers}) would keep it busier", highlight=False)

@@ -1,0 +1,394 @@
+"""Cohort prediction: CHAOS/DICOM/store inputs, exactness vs a one-slice reference, TTA, post-processing,
+resume and kill safety, failures, NIfTI geometry, and a two-process run.
+
+Models are tiny (base width 4, depth 2, 32 px) with random weights whose output layer is rescaled so logits
+spread over about ±8: plumbing, not accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from dlseg.export import export_model
+from dlseg.model import build_model
+from dlseg.normalize import NormConfig
+from dlseg.predict import main
+from dlseg.predictor import (
+    PredictConfig, Predictor, context_inputs, largest_component, nifti_affine, predict_cohort, slice_names,
+)
+from preprocess.dicom import read_series
+from preprocess.layout import discover
+
+REPO = Path(__file__).resolve().parents[1]
+BAND = 2e-4   # batch size changes CPU conv results by ~1e-7; pixels this close to the threshold may flip
+
+
+def make_model(out: Path, modality: str, sequence: str, num_classes: int = 1, context: int = 0,
+               labels: str = "liver", seed: int = 0) -> Path:
+    """Export a tiny random U-Net whose logits spread over roughly ±8 (so masks have structure)."""
+    torch.manual_seed(seed)
+    arch = {"name": "unet", "in_channels": 2 * context + 1, "num_classes": num_classes, "base_width": 4,
+            "depth": 2, "bilinear": True}
+    model = build_model(arch).eval()
+    with torch.no_grad():
+        y = model(torch.randn(8, arch["in_channels"], 32, 32))
+        mean, std = y.mean(dim=(0, 2, 3)), y.std()
+        k = 4.0 / float(std)
+        model.outc.conv.weight.mul_(k)
+        model.outc.conv.bias.copy_((model.outc.conv.bias - mean) * k)
+    meta = {"arch": arch, "normalization": NormConfig().to_dict(), "train_size": 32, "context_slices": context,
+            "labels": labels, "modality": modality, "sequence": sequence, "threshold": 0.5, "channels_last": False}
+    export_model(model, meta, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mr_model(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("mr_model"), "MR", "t1-in")
+
+
+@pytest.fixture(scope="module")
+def ct_model(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("ct_model"), "CT", "ct")
+
+
+def run(model: Path, inp: Path, out: Path, **kw) -> dict:
+    """predict_cohort in this process (single process, no workers unless asked)."""
+    cfg = PredictConfig(model=str(model), input=str(inp), out=str(out), workers=kw.pop("workers", 0),
+                        batch_size=kw.pop("batch_size", 16), **kw)
+    return predict_cohort(cfg)
+
+
+def read_pngs(folder: Path) -> np.ndarray:
+    """The case's slice PNGs in lexicographic order, as the official CHAOS reader does."""
+    files = sorted(folder.glob("*.png"))
+    return np.stack([cv2.imread(str(f), cv2.IMREAD_UNCHANGED) for f in files])
+
+
+def reference_probs(pred: Predictor, image: np.ndarray) -> np.ndarray:
+    """One slice per forward pass through the same normalize/resize/model path → (Z, K, H, W) probabilities."""
+    inputs, mapping = pred.prepare(image)
+    t = torch.from_numpy(inputs)
+    return np.stack([mapping.inverse(pred.probabilities(context_inputs(t, z, z + 1, pred.context))[0].numpy())
+                     for z in range(inputs.shape[0])])
+
+
+def assert_matches_reference(labels: np.ndarray, ref_probs: np.ndarray, threshold: float = 0.5) -> None:
+    """Binary labels equal the reference exactly, except pixels within BAND of the threshold (float noise)."""
+    ref = ref_probs[:, 0] > threshold
+    near = np.abs(ref_probs[:, 0] - threshold) < BAND
+    assert np.array_equal((labels > 0)[~near], ref[~near])
+    assert near.mean() < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------- CHAOS tree
+
+def test_chaos_tree_outputs_and_reference(synthetic_root, mr_model, tmp_path):
+    out = tmp_path / "out"
+    summary = run(mr_model, synthetic_root, out, batch_size=16, formats=("png", "npz"))
+    cases, _ = discover(synthetic_root, "t1-in", "liver")
+    assert summary["failed"] == 0 and summary["predicted"] == len(cases) == 6
+    pred = Predictor.load(mr_model)
+    for n, case in enumerate(cases):
+        folder = out / case.case_id
+        volume = read_series(case.image_files)
+        z, h, w = volume.image.shape
+        names = sorted(p.name for p in folder.glob("*.png"))
+        assert names == slice_names(z) == [f"slice_{i:04d}.png" for i in range(z)]
+        pngs = read_pngs(folder)
+        assert pngs.shape == (z, h, w) and pngs.dtype == np.uint8
+        assert set(np.unique(pngs)) <= {0, 63}
+        sources = json.loads((folder / "sources.json").read_text())
+        assert list(sources) == names
+        assert [synthetic_root / s for s in sources.values()] == list(case.image_files)
+        labels = np.load(folder / "prediction.npz")["mask"]
+        assert np.array_equal(labels * 63, pngs)
+        if n < 3:                       # batches of 16 span case boundaries; the reference goes slice by slice
+            assert_matches_reference(labels, reference_probs(pred, volume.image))
+        if n == 0:
+            assert (pred.predict_volume_slicewise(volume.image) != labels).mean() < 1e-3
+        rec = json.loads((folder / "record.json").read_text())
+        assert rec["case_id"] == case.case_id and rec["slices"] == z and rec["shape"] == [z, h, w]
+        assert rec["spacing"] == pytest.approx(list(volume.spacing))
+        assert rec["liver_volume_ml"] == pytest.approx(labels.sum() * np.prod(volume.spacing) / 1000, rel=1e-4)
+        assert rec["foreground_slices"] == int(labels.reshape(z, -1).any(axis=1).sum())
+        assert rec["world_size"] == 1
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["case_id"] for r in rows) == sorted(c.case_id for c in cases)
+    assert {r["status"] for r in rows} == {"predicted"}
+    assert json.loads((out / "summary.json").read_text())["cases_total"] == 6
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_real_ct_case(chaos_ct_case, ct_model, tmp_path):
+    root = chaos_ct_case.parents[2]      # .../chaos_sample (holds Train_Sets/CT/3)
+    out = tmp_path / "out"
+    summary = run(ct_model, root, out, batch_size=32, formats=("png", "nifti"))
+    assert summary["failed"] == 0
+    folder = out / "CT-3"
+    files = sorted((chaos_ct_case / "DICOM_anon").glob("*.dcm"))
+    pngs = read_pngs(folder)
+    assert pngs.shape == (len(files), 512, 512)
+    sources = json.loads((folder / "sources.json").read_text())
+    assert [Path(s).name for s in sources.values()] == [f.name for f in files]
+    rec = json.loads((folder / "record.json").read_text())
+    assert rec["spacing"][1:] == pytest.approx([0.7265625, 0.7265625])
+    check_nifti(folder, files, pngs > 0)
+
+
+# ---------------------------------------------------------------------------------------------------- NIfTI
+
+def check_nifti(folder: Path, files: list[Path], labels: np.ndarray) -> None:
+    """The NIfTI holds the labels as (x, y, z) and maps voxel centres to the DICOM positions (in RAS)."""
+    import nibabel as nib
+    import pydicom
+
+    img = nib.load(str(folder / "prediction.nii.gz"))
+    data = np.asarray(img.dataobj)
+    assert np.array_equal(data.transpose(2, 1, 0) > 0, labels)
+    first, second = pydicom.dcmread(files[0]), pydicom.dcmread(files[1])
+    ipp0, ipp1 = np.array(first.ImagePositionPatient, float), np.array(second.ImagePositionPatient, float)
+    row, col = np.array(first.ImageOrientationPatient[:3], float), np.array(first.ImageOrientationPatient[3:], float)
+    dy, dx = (float(v) for v in first.PixelSpacing)
+    lps_to_ras = np.array([-1.0, -1.0, 1.0])
+    a = img.affine
+    assert np.allclose(a[:3, :3] @ [0, 0, 0] + a[:3, 3], ipp0 * lps_to_ras, atol=1e-4)
+    assert np.allclose(a[:3, :3] @ [0, 0, 1] + a[:3, 3], ipp1 * lps_to_ras, atol=1e-3)   # next file's slice
+    assert np.allclose(a[:3, :3] @ [1, 0, 0], row * dx * lps_to_ras, atol=1e-6)            # +column index
+    assert np.allclose(a[:3, :3] @ [0, 1, 0], col * dy * lps_to_ras, atol=1e-6)            # +row index
+    assert img.header.get_zooms() == pytest.approx((dx, dy, float(np.linalg.norm(ipp1 - ipp0))), rel=1e-4)
+
+
+def test_nifti_affine_synthetic(synthetic_root, ct_model, tmp_path):
+    cases, _ = discover(synthetic_root, "ct", "liver")
+    case = cases[0]
+    src = tmp_path / "src" / "Train_Sets" / "CT"
+    shutil.copytree(synthetic_root / "Train_Sets" / "CT" / case.patient, src / case.patient)
+    out = tmp_path / "out"
+    run(ct_model, tmp_path / "src", out, formats=("png", "nifti"))
+    check_nifti(out / case.case_id, list(case.image_files), read_pngs(out / case.case_id) > 0)
+
+
+def test_nifti_affine_by_hand():
+    # identity orientation, origin (10, 20, 30) LPS, spacing z=3, y=2, x=1 → RAS flips x and y
+    a = nifti_affine((3.0, 2.0, 1.0), (10.0, 20.0, 30.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    assert np.allclose(a, [[-1, 0, 0, -10], [0, -2, 0, -20], [0, 0, 3, 30], [0, 0, 0, 1]])
+
+
+def test_nifti_without_nibabel_is_a_clear_error(monkeypatch, tmp_path, ct_model, capsys):
+    monkeypatch.setitem(sys.modules, "nibabel", None)      # import nibabel → ImportError, find_spec → None
+    code = main(["--model", str(ct_model), "--input", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--format", "png,nifti"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "nibabel" in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- options
+
+def test_tta_is_mean_of_four_flips(mr_model):
+    pred = Predictor.load(mr_model, tta=True)
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        by_hand = [torch.sigmoid(pred.model(x)),
+                   torch.sigmoid(pred.model(x.flip(-1))).flip(-1),
+                   torch.sigmoid(pred.model(x.flip(-2))).flip(-2),
+                   torch.sigmoid(pred.model(x.flip(-2, -1))).flip(-2, -1)]
+    expected = torch.stack(by_hand).mean(0)
+    assert torch.allclose(pred.probabilities(x), expected, atol=1e-6)
+    assert not torch.allclose(by_hand[0], expected, atol=1e-3)   # the flips do change something
+
+
+def test_keep_largest_removes_small_blob():
+    labels = np.zeros((8, 20, 20), np.uint8)
+    labels[1:6, 2:12, 2:12] = 1            # big
+    labels[6:8, 15:18, 15:18] = 1          # small, separate
+    labels[0, 0, 19] = 1                   # a single voxel
+    kept = largest_component(labels)
+    assert kept.sum() == 5 * 10 * 10 and kept[6:, 15:, 15:].sum() == 0
+    multi = labels.copy()
+    multi[6:8, 15:18, 15:18] = 2           # its own class: kept as that class's largest component
+    kept = largest_component(multi)
+    assert (kept == 2).sum() == 2 * 3 * 3 and (kept == 1).sum() == 500 and kept[0, 0, 19] == 0
+
+
+def test_keep_largest_through_predictor(mr_model):
+    pred = Predictor.load(mr_model, keep_largest=True)
+    from dlseg.normalize import ResizeMapping
+    probs = np.zeros((4, 1, 32, 32), np.float32)
+    probs[:, 0, 4:20, 4:20] = 0.9
+    probs[2, 0, 26:29, 26:29] = 0.9
+    labels = pred.labels_from_probs(probs, ResizeMapping(32, 32, 32))
+    assert labels[:, 4:20, 4:20].all() and labels[2, 26:29, 26:29].sum() == 0
+
+
+def test_threshold_and_label_value(synthetic_root, mr_model, tmp_path):
+    src = tmp_path / "src" / "Train_Sets" / "MR"
+    shutil.copytree(synthetic_root / "Train_Sets" / "MR" / "1", src / "1")
+    low = run(mr_model, tmp_path / "src", tmp_path / "low", threshold=0.2, label_value=200, formats=("png", "npz"))
+    high = run(mr_model, tmp_path / "src", tmp_path / "high", threshold=0.8)
+    a, b = read_pngs(tmp_path / "low" / "MR-1-T1in"), read_pngs(tmp_path / "high" / "MR-1-T1in")
+    assert set(np.unique(a)) <= {0, 200} and (a > 0).sum() > (b > 0).sum()
+    assert low["cases"][0]["liver_volume_ml"] > high["cases"][0]["liver_volume_ml"]
+
+
+def test_multiclass_png_values(synthetic_root, tmp_path):
+    model = make_model(tmp_path / "organs", "MR", "t1-in", num_classes=5, labels="organs", context=1)
+    src = tmp_path / "src" / "Train_Sets" / "MR"
+    shutil.copytree(synthetic_root / "Train_Sets" / "MR" / "2", src / "2")
+    summary = run(model, tmp_path / "src", tmp_path / "out", formats=("png", "npz"))
+    assert summary["failed"] == 0
+    folder = tmp_path / "out" / "MR-2-T1in"
+    pngs, labels = read_pngs(folder), np.load(folder / "prediction.npz")["mask"]
+    assert set(np.unique(pngs)) <= {0, 63, 126, 189, 252} and len(np.unique(pngs)) > 1
+    assert np.array_equal(pngs, labels * 63)
+    rec = json.loads((folder / "record.json").read_text())
+    assert set(rec["class_volumes_ml"]) == {"1", "2", "3", "4"}
+
+
+# ---------------------------------------------------------------------------------------------------- resume / failures
+
+def test_resume_skips_done_and_recomputes_tmp(synthetic_root, ct_model, tmp_path):
+    out = tmp_path / "out"
+    first = run(ct_model, synthetic_root, out)
+    assert first["predicted"] == 6
+    ids = sorted(r["case_id"] for r in first["cases"])
+    mtimes = {c: (out / c / "record.json").stat().st_mtime_ns for c in ids}
+    again = run(ct_model, synthetic_root, out)
+    assert again["reused"] == 6 and again["predicted"] == 0
+    assert {c: (out / c / "record.json").stat().st_mtime_ns for c in ids} == mtimes
+    # a kill in the middle of writing: the case exists only as a temporary folder
+    victim = ids[2]
+    os.rename(out / victim, out / f".tmp-{victim}-deadbeef")
+    (out / ".tmp-other-123").mkdir()
+    third = run(ct_model, synthetic_root, out)
+    assert third["predicted"] == 1 and third["reused"] == 5
+    assert (out / victim / "record.json").is_file() and not list(out.glob(".tmp-*"))
+    # other settings → recomputed
+    fourth = run(ct_model, synthetic_root, out, threshold=0.7)
+    assert fourth["predicted"] == 6
+
+
+def test_corrupt_case_fails_alone(synthetic_root, ct_model, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(synthetic_root / "Train_Sets" / "CT", src / "Train_Sets" / "CT")
+    cases, _ = discover(src, "ct", "liver")
+    bad = cases[1]
+    victim = bad.image_files[3]
+    victim.write_bytes(victim.read_bytes()[:300])           # truncated DICOM
+    out = tmp_path / "out"
+    code = main(["--model", str(ct_model), "--input", str(src), "--out", str(out), "--workers", "1"])
+    assert code == 1
+    rows = {r["case_id"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert rows[bad.case_id]["status"] == "failed" and victim.name in rows[bad.case_id]["reason"]
+    assert all(r["status"] == "predicted" for c, r in rows.items() if c != bad.case_id)
+    assert not (out / bad.case_id).exists()
+    assert "failed" in capsys.readouterr().out
+
+
+def test_missing_or_mismatched_model_exit_2(ct_model, synthetic_root, tmp_path, capsys):
+    code = main(["--model", str(tmp_path / "nope"), "--input", str(synthetic_root), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "nope" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(ct_model, broken)
+    meta = json.loads((broken / "model.json").read_text())
+    meta["arch"]["base_width"] = 8
+    (broken / "model.json").write_text(json.dumps(meta))
+    code = main(["--model", str(broken), "--input", str(synthetic_root), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "do not match" in err
+
+
+# ---------------------------------------------------------------------------------------------------- other inputs
+
+def test_generic_dicom_tree(synthetic_root, mr_model, tmp_path):
+    cases, _ = discover(synthetic_root, "t1-in", "liver")
+    tree = tmp_path / "tree"
+    for n, case in enumerate(cases[:2]):
+        for k, f in enumerate(case.image_files):     # arbitrary folders, names that say nothing about order
+            dst = tree / f"study {n}" / ("x" if k % 2 else "y") / f"obj{(k * 7919) % 1000:03d}"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dst)
+    (tree / "notes.txt").write_text("not DICOM")
+    out = tmp_path / "out"
+    summary = run(mr_model, tree, out)
+    assert summary["failed"] == 0 and summary["predicted"] == 2 and summary["input_kind"] == "dicom"
+    ids = [r["case_id"] for r in summary["cases"]]
+    assert all(c.startswith("MR-series-") for c in ids)
+    pred = Predictor.load(mr_model)
+    for cid in ids:
+        sources = json.loads((out / cid / "sources.json").read_text())
+        files = [tree / s for s in sources.values()]
+        volume = read_series(files)
+        zs = [p[2] for p in volume.positions]
+        assert zs == sorted(zs) or zs == sorted(zs, reverse=True)        # ordered along the slice normal
+        assert_matches_reference(read_pngs(out / cid) > 0, reference_probs(pred, volume.image))
+
+
+def test_store_input_with_overlays(synthetic_store, mr_model, tmp_path):
+    from dlseg.store import Store
+
+    store = Store(synthetic_store)
+    out = tmp_path / "out"
+    summary = run(mr_model, synthetic_store, out, split="val", overlays=True)
+    val = store.split_cases("val")
+    assert summary["input_kind"] == "store" and sorted(r["case_id"] for r in summary["cases"]) == sorted(val)
+    pred = Predictor.load(mr_model)
+    for cid in val:
+        info = store.info(cid)
+        image, _ = store.read_case(cid)
+        pngs = read_pngs(out / cid)
+        assert pngs.shape == tuple(info.shape)
+        sources = json.loads((out / cid / "sources.json").read_text())
+        assert list(sources.values()) == info.attrs["source_files"]
+        inputs, mapping = pred.prepare(image, info.attrs["stats"])
+        t = torch.from_numpy(inputs)
+        ref = np.stack([mapping.inverse(pred.probabilities(t[z:z + 1, None])[0].numpy()) for z in range(len(t))])
+        assert_matches_reference(pngs, ref)
+        overlay = cv2.imread(str(out / cid / "overlays" / "slice_0000.png"))
+        z, h, w = info.shape
+        assert overlay.shape == (h, 3 * w + 4, 3)           # image | truth | prediction
+    with pytest.raises(Exception, match="no split named"):
+        run(mr_model, synthetic_store, tmp_path / "o2", split="nonsense")
+
+
+# ---------------------------------------------------------------------------------------------------- two processes
+
+def free_port() -> int:
+    """A TCP port nobody listens on (other test runs use accelerate's default port at the same time)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_write_each_case_once(synthetic_root, ct_model, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()),
+           str(REPO / "dlseg" / "predict.py"), "--model", str(ct_model), "--input", str(synthetic_root),
+           "--out", str(out), "--workers", "1", "--batch-size", "8"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "on 2 process(es)" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["predicted"] == 6
+    records = [json.loads((out / r["case_id"] / "record.json").read_text()) for r in summary["cases"]]
+    assert {r["rank"] for r in records} == {0, 1} and all(r["world_size"] == 2 for r in records)
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert folders == sorted(r["case_id"] for r in records)      # every case exactly once, nothing temporary
