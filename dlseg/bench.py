@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
 from dlseg.benchmarks.common import (
@@ -29,6 +30,7 @@ from dlseg.benchmarks.common import (
 from dlseg.console import console, fail
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+TABLE_WIDTH = 150   # the tables stay readable when the output is a file or a narrow terminal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment-on", choices=("cpu", "device"), default=d.augment_on, help="trainer augmentation side")
     p.add_argument("--threads", type=int, default=d.threads, help="torch/OpenCV threads per process (0 = default)")
     p.add_argument("--patients", type=int, default=d.patients, help="synthetic MR patients")
+    p.add_argument("--synth-size", type=int, nargs=2, default=d.synth_size, metavar=("MIN", "MAX"),
+                   help="synthetic in-plane size range (pixels)")
+    p.add_argument("--synth-slices", type=int, nargs=2, default=d.synth_slices, metavar=("MIN", "MAX"),
+                   help="synthetic slices per series")
     p.add_argument("--memory-cases", type=int, nargs=2, default=d.memory_cases, metavar=("SMALL", "LARGE"))
     p.add_argument("--cache-dir", default=d.cache_dir, help="where the synthetic cohort is kept")
     p.add_argument("--quick", action="store_true", help="shorter loops and smaller cohorts (about a minute)")
@@ -68,7 +74,8 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], BenchConfig, str | No
         predict_batch_size=a.predict_batch_size, device=a.device, mixed_precision=a.mixed_precision,
         channels_last=a.channels_last, workers=a.workers, predict_workers=a.predict_workers,
         preprocess_workers=a.preprocess_workers, augment_on=a.augment_on, threads=a.threads, quick=a.quick,
-        patients=a.patients, memory_cases=tuple(a.memory_cases), store=a.store, source=a.source,
+        patients=a.patients, memory_cases=tuple(a.memory_cases), synth_size=tuple(a.synth_size),
+        synth_slices=tuple(a.synth_slices), store=a.store, source=a.source,
         cache_dir=a.cache_dir, isolate=not a.no_isolate,
     )
     if a.quick and tuple(a.memory_cases) == BenchConfig().memory_cases:
@@ -147,10 +154,10 @@ def goal_text(row: dict[str, Any]) -> str:
 
 def results_table(results: dict[str, dict[str, Any]]) -> Table:
     """One row per comparison: ratio first, then the goal, both rates and the stage's peak memory."""
-    table = Table(title="dlseg benchmark (ratio = ours ÷ baseline, measured in the same run)", header_style="bold")
+    table = Table(title="dlseg benchmark: ratio = ours ÷ baseline, both measured in this run", header_style="bold")
     for col, just in (("ratio", "right"), ("goal", "left"), ("stage", "left"), ("comparison", "left"),
-                      ("ours", "right"), ("baseline", "right"), ("unit", "left"), ("peak RSS MB", "right")):
-        table.add_column(col, justify=just)
+                      ("ours", "right"), ("baseline", "right"), ("unit", "left"), ("stage peak RSS", "right")):
+        table.add_column(col, justify=just, no_wrap=col != "comparison")
     for name, res in results.items():
         if "comparisons" not in res:
             table.add_row("–", "", name, res.get("skipped_stage") or f"[red]{res.get('error')}[/]", "", "", "", "")
@@ -161,24 +168,30 @@ def results_table(results: dict[str, dict[str, Any]]) -> Table:
             base = fmt_rate(row["baseline_rate"]) + (f" ({scale:g}×{fmt_rate(row['baseline_rate'] / scale)})"
                                                       if scale != 1 else "")
             table.add_row(f"[bold]{fmt_ratio(row['ratio'])}", goal_text(row), name, row["name"],
-                          fmt_rate(row["ours_rate"]), base, res["unit"], f"{peak:,.0f}" if i == 0 else "")
+                          fmt_rate(row["ours_rate"]), base, res["unit"], f"{peak:,.0f} MB" if i == 0 else "")
         for key, why in res.get("skipped", {}).items():
             table.add_row("–", "", name, f"{key}: skipped ({why})", "", "", "", "")
     return table
 
 
 def memory_table(results: dict[str, dict[str, Any]]) -> Table:
-    """Memory checks and the per-run peaks behind them."""
-    table = Table(title="memory (peak resident set size)", header_style="bold")
-    for col in ("ratio", "goal", "stage", "check", "value MB", "reference MB"):
-        table.add_column(col, justify="right" if col in ("ratio", "value MB", "reference MB") else "left")
+    """The memory checks (every peak behind them is in the JSON)."""
+    table = Table(title="memory: peak resident set size", header_style="bold")
+    for col, just in (("ratio", "right"), ("goal", "left"), ("stage", "left"), ("check", "left"),
+                      ("value", "right"), ("reference", "right")):
+        table.add_column(col, justify=just, no_wrap=col != "check")
     for name, res in results.items():
         for row in res.get("memory_checks", []):
             table.add_row(f"[bold]{fmt_ratio(row['ratio'])}", goal_text(row), name, row["name"],
-                          f"{row['value_mb']:,.1f}", f"{row['reference_mb']:,.1f}")
-        for key, value in res.get("memory_mb", {}).items():
-            table.add_row("", "", name, key, f"{value:,.1f}", "")
+                          f"{row['value_mb']:,.1f} MB", f"{row['reference_mb']:,.1f} MB")
     return table
+
+
+def table_console() -> Console:
+    """The console for the tables: at least ``TABLE_WIDTH`` columns (logs and narrow terminals stay readable)."""
+    if console.width >= TABLE_WIDTH:
+        return console
+    return Console(width=TABLE_WIDTH, quiet=console.quiet, force_terminal=console.is_terminal)
 
 
 def header_lines(machine: dict[str, Any], cfg: BenchConfig, cohort: Cohort) -> list[str]:
@@ -213,8 +226,9 @@ def run(stages: list[str], cfg: BenchConfig, json_path: str | None) -> tuple[dic
     doc = {"format": "dlseg-bench", "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "command": "python -m dlseg.bench " + " ".join(sys.argv[1:]), "machine": machine,
            "config": asdict(cfg), "stages": results}
-    console.print(results_table(results))
-    console.print(memory_table(results))
+    wide = table_console()
+    wide.print(results_table(results))
+    wide.print(memory_table(results))
     path = Path(json_path) if json_path else Path(cfg.cache_dir) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     write_json(path, doc)
     console.print(f"results: {path}", highlight=False)

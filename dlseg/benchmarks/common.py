@@ -33,7 +33,7 @@ class BenchConfig:
     device: Literal["cpu", "cuda"] = "cpu"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = False
-    workers: int = 1                       # trainer DataLoader workers
+    workers: int = 0                       # trainer DataLoader workers (0: load in the training process)
     predict_workers: int = 2               # prediction case-loading workers
     preprocess_workers: int = 0            # 0 = one per CPU core (at most 8)
     augment_on: Literal["cpu", "device"] = "cpu"   # trainer augmentation path in the train stage
@@ -73,7 +73,7 @@ class Timing:
         return self.items / self.seconds if self.seconds > 0 else float("nan")
 
     def to_dict(self) -> dict[str, float]:
-        return {"items": self.items, "seconds": round(self.seconds, 6), "rate": self.rate}
+        return {"items": self.items, "seconds": self.seconds, "rate": self.rate}
 
 
 @dataclass

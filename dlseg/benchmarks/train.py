@@ -107,6 +107,7 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     res.add("trainer", Timing(images, seconds))
     stats = trainer.stats
     steps = len(trainer.train_dl)
+    threads = torch.get_num_threads()   # the trainer sets them on CPU (cores its loader workers leave)
     arch, num_classes = trainer.arch, trainer.task.num_classes
     del trainer
     shutil.rmtree(out, ignore_errors=True)
@@ -119,9 +120,9 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
         "steps": steps, "batch_size": cfg.batch_size, "size": cfg.size, "base_width": cfg.base_width,
         "depth": cfg.depth, "device": device, "mixed_precision": cfg.mixed_precision,
         "channels_last": cfg.channels_last, "workers": cfg.workers, "augment_on": cfg.augment_on,
-        "train_split": tcfg.loader.train_split,
+        "train_split": tcfg.loader.train_split, "torch_threads": threads,
         "trainer_data_wait_fraction": stats.wait_s / max(stats.step_s, 1e-9),
     })
-    res.notes.append("one epoch each, first step included on both sides; the trainer's loader, augmentation, "
+    res.notes.append(f"bare loop at the trainer's compute threads ({threads}); one epoch each, first step included on both sides; the trainer's loader, augmentation, "
                      "Accelerate wrapping, loss sync and progress bar all count as overhead")
     return res

@@ -1,0 +1,108 @@
+"""Smoke test of ``python -m dlseg.bench``: every stage at the tiniest size, in this process.
+
+No timing assertions (speed is what the benchmark prints): the JSON has its keys, every rate and memory figure is
+a positive finite number, and each ratio is computed from the two rates it names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dlseg.bench import main
+from dlseg.benchmarks.common import STAGES, BenchConfig, ensure_cohort, finite_positive, run_stage
+
+TINY = dict(size=32, base_width=4, depth=2, batch_size=4, predict_batch_size=8, predict_workers=0,
+            preprocess_workers=2, patients=3, memory_cases=(1, 2), slicewise_cases=1, synth_size=(40, 48),
+            synth_slices=(6, 8), budget_s=0.05, quick=True, isolate=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny config and its synthetic cohort (generated and preprocessed once for the module)."""
+    cfg = BenchConfig(cache_dir=str(tmp_path_factory.mktemp("bench")), **TINY)
+    return cfg, ensure_cohort(cfg)
+
+
+def check_result(res: dict) -> None:
+    """Keys present, figures positive and finite, ratios consistent with their rates."""
+    for key in ("stage", "unit", "rates", "timings", "comparisons", "memory_mb", "memory_checks", "details",
+                "wall_s"):
+        assert key in res, key
+    assert res["rates"] and not res["skipped"]
+    for key, rate in res["rates"].items():
+        assert finite_positive(rate), (key, rate)
+        t = res["timings"][key]
+        assert t["items"] > 0 and t["seconds"] > 0
+        assert rate == pytest.approx(t["items"] / t["seconds"])
+    assert res["comparisons"]
+    for row in res["comparisons"]:
+        assert row["ours_rate"] == res["rates"][row["ours"]]
+        assert row["baseline_rate"] == pytest.approx(res["rates"][row["baseline"]] * row["baseline_scale"])
+        assert finite_positive(row["ratio"])
+        assert row["ratio"] == pytest.approx(row["ours_rate"] / row["baseline_rate"])
+        if row["goal_min"] is not None:
+            assert row["met"] == (row["ratio"] >= row["goal_min"])
+    for key, value in res["memory_mb"].items():
+        assert math.isfinite(value) and value >= 0, (key, value)
+    for row in res["memory_checks"]:
+        assert finite_positive(row["ratio"]) and row["ratio"] == pytest.approx(row["value_mb"] / row["reference_mb"])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_smoke(tiny, stage):
+    cfg, cohort = tiny
+    res = json.loads(json.dumps(run_stage(stage, cfg, cohort)))   # JSON-serializable as written
+    assert res["stage"] == stage
+    check_result(res)
+    expected = {
+        "loader": {"slicedataset_warm", "slicedataset_cold", "dicom", "zarr_per_sample", "memory_floor"},
+        "augment": {"albumentations_per_sample", "batch_augment"},
+        "preprocess": {"decode_only", "workers_1", "workers_2"},
+        "predict": {"end_to_end", "end_to_end_2_cases", "forward_ceiling", "slice_by_slice"},
+        "train": {"trainer", "bare_loop"},
+    }[stage]
+    assert expected <= set(res["rates"])
+    if stage == "loader":
+        assert res["details"]["cache_reads_cold_epoch"] == res["details"]["cases"]   # one read per case
+        assert res["memory_checks"][0]["met"] is True                                 # bounded cache
+    if stage == "train":
+        assert res["timings"]["trainer"]["items"] == res["timings"]["bare_loop"]["items"]
+
+
+def test_cli_writes_json(tiny, tmp_path):
+    cfg, _ = tiny
+    out = tmp_path / "bench.json"
+    code = main(["augment", "--no-isolate", "--quick", "--cache-dir", cfg.cache_dir, "--json", str(out),
+                 "--size", "32", "--base-width", "4", "--depth", "2", "--batch-size", "4", "--patients", "3",
+                 "--synth-size", "40", "48", "--synth-slices", "6", "8"])
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "dlseg-bench" and set(doc["stages"]) == {"augment"}
+    for key in ("cpu", "cpu_cores", "torch", "device_name"):
+        assert doc["machine"][key]
+    assert doc["config"]["size"] == 32
+    check_result(doc["stages"]["augment"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "30"], "--size 30"),
+    (["--memory-cases", "4", "2"], "--memory-cases"),
+    (["--store", "/nonexistent/store.zarr"], "--store"),
+])
+def test_cli_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["loader", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cohort_is_reused(tiny):
+    cfg, cohort = tiny
+    stamp = (Path(cohort.store) / "zarr.json").stat().st_mtime_ns
+    again = ensure_cohort(cfg)
+    assert again == cohort and (Path(again.store) / "zarr.json").stat().st_mtime_ns == stamp
