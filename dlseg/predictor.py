@@ -861,6 +861,21 @@ class CohortRunner:
                 progress.update(task, advance=spec.slices, info=f"{self.stats.cases} cases, {len(self.failures)} failed")
 
 
+def make_plan(cfg: PredictConfig, meta: dict[str, Any], out: Path, ident: RunIdentity) -> dict[str, Any]:
+    """Main process: find the cohort, clean stale temporaries, and split it into done and to-do cases."""
+    from preprocess.errors import CaseError, UsageError
+    try:
+        cohort = find_cohort(cfg, meta)
+        out.mkdir(parents=True, exist_ok=True)
+    except (ConfigError, UsageError, StoreError, CaseError, OSError) as e:
+        return {"error": str(e)}
+    clean_stale(out)
+    done = {s.case_id: is_done(out, s, ident) for s in cohort.cases}
+    return {"kind": cohort.kind, "todo": [s for s in cohort.cases if done[s.case_id] is None],
+            "all": {s.case_id: s.fingerprint for s in cohort.cases},
+            "reused": [c for c, r in done.items() if r is not None], "early": cohort.failures}
+
+
 def process_state():
     """Accelerate's process state (MULTI_CPU when ``ACCELERATE_USE_CPU=true``); refuses a silently split launch."""
     from accelerate import PartialState
@@ -894,18 +909,12 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
     ident = RunIdentity(model_fingerprint(cfg.model), settings, settings_fingerprint(settings),
                         state.num_processes, state.process_index)
 
-    plan: list[Any] = [None]
-    if state.is_main_process:
-        cohort = find_cohort(cfg, predictor.meta)
-        out.mkdir(parents=True, exist_ok=True)
-        clean_stale(out)
-        done = {s.case_id: is_done(out, s, ident) for s in cohort.cases}
-        todo = [s for s in cohort.cases if done[s.case_id] is None]
-        plan = [{"kind": cohort.kind, "todo": todo, "all": {s.case_id: s.fingerprint for s in cohort.cases},
-                 "reused": [c for c, r in done.items() if r is not None], "early": cohort.failures}]
+    plan: list[Any] = [make_plan(cfg, predictor.meta, out, ident) if state.is_main_process else None]
     if state.num_processes > 1:
         broadcast_object_list(plan, from_process=0)
     plan_d = plan[0]
+    if "error" in plan_d:            # every rank stops with the main process's one-line reason
+        raise ConfigError(plan_d["error"])
     mine = plan_d["todo"][state.process_index::state.num_processes]
 
     runner = CohortRunner(predictor, cfg, out, ident)

@@ -211,6 +211,26 @@ def test_tta_is_mean_of_four_flips(mr_model):
     assert not torch.allclose(by_hand[0], expected, atol=1e-3)   # the flips do change something
 
 
+def test_channels_last_and_bf16_agree_with_float32(tmp_path):
+    model = make_model(tmp_path / "m", "MR", "t1-in", context=1)
+    x = torch.randn(4, 3, 32, 32)
+    plain = Predictor.load(model).probabilities(x)
+    meta = json.loads((model / "model.json").read_text())
+    meta["channels_last"] = True
+    (model / "model.json").write_text(json.dumps(meta))
+    cl = Predictor.load(model)
+    assert cl.channels_last and torch.allclose(cl.probabilities(x), plain, atol=1e-5)
+    bf16 = Predictor.load(model, mixed_precision="bf16").probabilities(x)
+    assert bf16.dtype == torch.float32 and torch.allclose(bf16, plain, atol=0.1)
+
+
+def test_empty_input_is_a_clear_error(ct_model, tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    code = main(["--model", str(ct_model), "--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "no CT cases found" in err
+
+
 def test_keep_largest_removes_small_blob():
     labels = np.zeros((8, 20, 20), np.uint8)
     labels[1:6, 2:12, 2:12] = 1            # big
