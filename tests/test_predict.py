@@ -149,6 +149,22 @@ def test_real_ct_case(chaos_ct_case, ct_model, tmp_path):
     check_nifti(folder, files, pngs > 0)
 
 
+def test_test_sets_tree_and_overlays_without_truth(synthetic_root, ct_model, tmp_path):
+    cases, _ = discover(synthetic_root, "ct", "liver")
+    dst = tmp_path / "src" / "Test_Sets" / "CT" / cases[0].patient / "DICOM_anon"
+    shutil.copytree(cases[0].image_files[0].parent, dst)          # images only, no Ground: an unlabeled case
+    out = tmp_path / "out"
+    summary = run(ct_model, tmp_path / "src", out, overlays=True)
+    (row,) = summary["cases"]
+    assert row["case_id"] == f"CT-test-{cases[0].patient}" and row["status"] == "predicted"
+    folder = out / row["case_id"]
+    z, h, w = read_pngs(folder).shape
+    assert z == len(cases[0].image_files)
+    overlay = cv2.imread(str(folder / "overlays" / "slice_0000.png"))
+    assert overlay.shape == (h, 2 * w + 2, 3)                      # image | prediction
+    assert sorted(p.name for p in folder.glob("*.png")) == slice_names(z)   # overlays stay out of the PNG set
+
+
 # ---------------------------------------------------------------------------------------------------- NIfTI
 
 def check_nifti(folder: Path, files: list[Path], labels: np.ndarray) -> None:
