@@ -17,7 +17,7 @@ from dlseg.benchmarks.common import STAGES, BenchConfig, ensure_cohort, finite_p
 
 TINY = dict(size=32, base_width=4, depth=2, batch_size=4, predict_batch_size=8, predict_workers=0,
             preprocess_workers=2, patients=3, memory_cases=(1, 2), slicewise_cases=1, synth_size=(40, 48),
-            synth_slices=(6, 8), budget_s=0.05, quick=True, isolate=False)
+            synth_slices=(6, 8), budget_s=0.05, quick=True, isolate=False, train_epochs=2)
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +62,18 @@ def test_stage_smoke(tiny, stage):
         "loader": {"slicedataset_warm", "slicedataset_cold", "dicom", "zarr_per_sample", "memory_floor"},
         "augment": {"albumentations_per_sample", "batch_augment"},
         "preprocess": {"decode_only", "workers_1", "workers_2"},
-        "predict": {"end_to_end", "end_to_end_2_cases", "forward_ceiling", "slice_by_slice"},
+        "predict": {"end_to_end", "end_to_end_wall", "end_to_end_2_cases", "forward_ceiling", "slice_by_slice"},
         "train": {"trainer", "bare_loop"},
     }[stage]
     assert expected <= set(res["rates"])
     if stage == "loader":
         assert res["details"]["cache_reads_cold_epoch"] == res["details"]["cases"]   # one read per case
         assert res["memory_checks"][0]["met"] is True                                 # bounded cache
-    if stage == "train":
-        assert res["timings"]["trainer"]["items"] == res["timings"]["bare_loop"]["items"]
+    if stage == "train":   # two epochs: the first is warm-up, the second timed; the bare loop runs as many images
+        d = res["details"]
+        assert d["epochs"] == 2 and d["timed_epochs"] == 1
+        assert res["timings"]["trainer"]["items"] == d["steps"] * d["batch_size"]
+        assert res["timings"]["bare_loop"]["items"] == res["timings"]["trainer"]["items"]
 
 
 def test_cli_writes_json(tiny, tmp_path):
@@ -106,3 +109,4 @@ def test_cohort_is_reused(tiny):
     stamp = (Path(cohort.store) / "zarr.json").stat().st_mtime_ns
     again = ensure_cohort(cfg)
     assert again == cohort and (Path(again.store) / "zarr.json").stat().st_mtime_ns == stamp
+

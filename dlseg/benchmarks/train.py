@@ -3,7 +3,8 @@
 * ``trainer``: ``dlseg.trainer.Trainer`` built from a ``TrainConfig`` (Accelerate, the store loader with its
   workers and cache, augmentation on the configured side, mixed precision, optimizer, loss, per-step logging and
   progress bar), one training epoch timed from the first batch request to the last step, first epoch included
-  (worker start-up and cache filling count against the trainer);
+  (worker start-up and cache filling count against the trainer); with ``train_epochs`` > 1 the first epoch is
+  warm-up and the others are timed (accelerators: kernel selection and a short epoch would hide the steady state);
 * ``bare_loop``: a fresh model of the same architecture, the same optimizer and loss, forward/backward/step under
   the same autocast, over the same number of batches already on the device (no loader, no augmentation, no
   Accelerate, no logging), first step included as well.
@@ -37,13 +38,14 @@ def train_config(cfg: BenchConfig, cohort: Cohort, out: str):
                        loader=loader, model=model, augment_on=cfg.augment_on)
 
 
-def trainer_epoch(trainer) -> tuple[float, int]:
-    """Seconds and images of one training epoch of ``trainer`` (epoch 0)."""
-    acc = trainer.accelerator
+def trainer_epoch(trainer, epoch: int) -> Timing:
+    """Images and seconds of one training epoch of ``trainer`` (no validation, no checkpoint)."""
+    trainer.state.step_in_epoch = 0   # as Trainer._end_epoch leaves it; no public one-epoch hook yet
+    sync(str(trainer.accelerator.device))
     start = time.perf_counter()
-    trainer._train_epoch(0)  # no public one-epoch hook yet (asked for Trainer.train_epoch)
-    sync(str(acc.device))
-    return time.perf_counter() - start, trainer.stats.images
+    trainer._train_epoch(epoch)
+    sync(str(trainer.accelerator.device))
+    return Timing(trainer.stats.images, time.perf_counter() - start)
 
 
 def memory_batches(cfg: BenchConfig, cohort: Cohort, split: str, n: int, device: str) -> list:
@@ -64,7 +66,10 @@ def memory_batches(cfg: BenchConfig, cohort: Cohort, split: str, n: int, device:
 
 
 def bare_loop(cfg: BenchConfig, arch: dict, num_classes: int, batches: list, device: str) -> Timing:
-    """Forward/backward/step over in-memory batches with a fresh model, Adam and the focal loss."""
+    """Forward/backward/step over in-memory batches with a fresh model, Adam and the focal loss.
+
+    With ``train_epochs`` E > 1, one untimed pass over the batches, then E − 1 timed passes (like the trainer).
+    """
     from dlseg.losses import LossConfig, build_loss
     from dlseg.model import build_model
     from dlseg.trainer import OptimConfig, build_optimizer
@@ -80,21 +85,30 @@ def bare_loop(cfg: BenchConfig, arch: dict, num_classes: int, batches: list, dev
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype is torch.float16)
     autocast = (torch.autocast(device_type=device.split(":")[0], dtype=dtype) if dtype is not None
                 else contextlib.nullcontext())
-    sync(device)
-    start = time.perf_counter()
-    for image, mask in batches:
+
+    def step(image: torch.Tensor, mask: torch.Tensor) -> None:
         with autocast:
             loss = loss_fn(model(image), mask)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad()
+
+    passes = max(1, cfg.train_epochs - 1)
+    if cfg.train_epochs > 1:
+        for image, mask in batches:
+            step(image, mask)
     sync(device)
-    return Timing(sum(len(b[0]) for b in batches), time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(passes):
+        for image, mask in batches:
+            step(image, mask)
+    sync(device)
+    return Timing(passes * sum(len(b[0]) for b in batches), time.perf_counter() - start)
 
 
 def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
-    """Measure one trainer epoch and the bare loop over as many batches."""
+    """Measure trainer epochs and the bare loop over as many batches."""
     from dlseg.trainer import Trainer
 
     res = StageResult("train", "images/s")
@@ -103,8 +117,9 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     tcfg = train_config(cfg, cohort, str(out))
     trainer = Trainer(tcfg)
     device = str(trainer.accelerator.device)
-    seconds, images = trainer_epoch(trainer)
-    res.add("trainer", Timing(images, seconds))
+    epochs = [trainer_epoch(trainer, e) for e in range(cfg.train_epochs)]
+    timed = epochs[1:] if len(epochs) > 1 else epochs
+    res.add("trainer", Timing(sum(t.items for t in timed), sum(t.seconds for t in timed)))
     stats = trainer.stats
     steps = len(trainer.train_dl)
     threads = torch.get_num_threads()   # the trainer sets them on CPU (cores its loader workers leave)
@@ -117,12 +132,16 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     res.compare(Comparison("real trainer vs bare PyTorch loop (same model, batches in memory)", "trainer",
                            "bare_loop", "fraction of the bare loop's speed; ≥ 0.9 = overhead ≤ 10 %", goal_min=0.9))
     res.details.update({
-        "steps": steps, "batch_size": cfg.batch_size, "size": cfg.size, "base_width": cfg.base_width,
+        "steps": steps, "epochs": cfg.train_epochs, "timed_epochs": len(timed),
+        "first_epoch_images_per_s": epochs[0].rate, "batch_size": cfg.batch_size, "size": cfg.size,
+        "base_width": cfg.base_width,
         "depth": cfg.depth, "device": device, "mixed_precision": cfg.mixed_precision,
         "channels_last": cfg.channels_last, "workers": cfg.workers, "augment_on": cfg.augment_on,
         "train_split": tcfg.loader.train_split, "torch_threads": threads,
         "trainer_data_wait_fraction": stats.wait_s / max(stats.step_s, 1e-9),
     })
-    res.notes.append(f"bare loop at the trainer's compute threads ({threads}); one epoch each, first step included on both sides; the trainer's loader, augmentation, "
+    warm = "first epoch / first pass untimed" if cfg.train_epochs > 1 else "one epoch each, first step included"
+    res.notes.append(f"bare loop at the trainer's compute threads ({threads}); {warm}; the trainer's loader, "
+                     "augmentation, "
                      "Accelerate wrapping, loss sync and progress bar all count as overhead")
     return res
