@@ -149,7 +149,7 @@ class Predictor:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.num_classes = int(meta["arch"]["num_classes"])
-        self.context = int(meta.get("context_slices", 0) or 0)
+        self.context = int(meta["context_slices"])
         self.size = int(meta["train_size"])
         self.modality = str(meta["modality"]).upper()
         self.norm = NormConfig.from_dict(meta["normalization"])
@@ -417,9 +417,9 @@ class CaseDataset(Dataset):
             store = self._store(spec.root)
             attrs = store.info(spec.case_id).attrs
             image, truth = store.read_case(spec.case_id, mask=self.want_image)
-            stats = attrs.get("stats") or intensity_stats(image, self.modality)
-            geometry = {"spacing": attrs["spacing"], "origin": attrs.get("origin"), "direction": attrs.get("direction")}
-            sources = list(attrs.get("source_files") or [])
+            stats = attrs["stats"]          # what preprocessing computed with intensity_stats (and training used)
+            geometry = {"spacing": attrs["spacing"], "origin": attrs["origin"], "direction": attrs["direction"]}
+            sources = list(attrs["source_files"])
         else:
             from preprocess.dicom import read_series
             volume = read_series(list(spec.files))
@@ -447,7 +447,9 @@ class CaseDataset(Dataset):
         by_image = dict(zip((str(Path(f)) for f in spec.files), spec.mask_files))
         files = [by_image[str(p)] for p in volume.files]
         truth = read_masks(files, spec.modality, spec.labels)
-        return truth if truth.shape == volume.image.shape else None
+        if truth.shape != volume.image.shape:
+            raise ValueError(f"ground truth {truth.shape} does not match the image {volume.image.shape} (overlays)")
+        return truth
 
 
 def _reason(e: BaseException) -> str:
@@ -484,8 +486,7 @@ def write_nifti(path: Path, labels: np.ndarray, geometry: dict[str, Any]) -> Non
     """``prediction.nii.gz``: labels as (x, y, z) uint8 with the affine from the DICOM geometry."""
     import nibabel as nib
 
-    affine = nifti_affine(geometry["spacing"], geometry.get("origin") or (0, 0, 0),
-                          geometry.get("direction") or (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    affine = nifti_affine(geometry["spacing"], geometry["origin"], geometry["direction"])
     img = nib.Nifti1Image(np.ascontiguousarray(labels.transpose(2, 1, 0)), affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
@@ -495,7 +496,7 @@ def write_nifti(path: Path, labels: np.ndarray, geometry: dict[str, Any]) -> Non
 
 def display_slice(image: np.ndarray, stats: dict[str, float]) -> np.ndarray:
     """A scanner slice → uint8 gray for overlays (window [p0.5, p99.5] of the case)."""
-    lo, hi = float(stats.get("p0_5", image.min())), float(stats.get("p99_5", image.max()))
+    lo, hi = float(stats["p0_5"]), float(stats["p99_5"])
     scaled = (np.asarray(image, np.float32) - lo) / max(hi - lo, 1e-6)
     return (np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -570,16 +571,14 @@ def write_case(out: Path, item: dict[str, Any], probs: np.ndarray, predictor: Pr
             for name, sl in zip(names, values):
                 if not cv2.imwrite(str(tmp / name), sl, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
                     raise OSError(f"{tmp / name}: cannot write PNG")
-        sources = item["sources"]
-        (tmp / SOURCES).write_text(json.dumps(
-            {n: (sources[i] if i < len(sources) else None) for i, n in enumerate(names)}, indent=1))
+        (tmp / SOURCES).write_text(json.dumps(dict(zip(names, item["sources"])), indent=1))
         if "npz" in cfg.formats:
             np.savez_compressed(tmp / "prediction.npz", mask=labels)
         if "nifti" in cfg.formats:
             write_nifti(tmp / "prediction.nii.gz", labels, item["geometry"])
-        if cfg.overlays and item.get("image") is not None:
+        if cfg.overlays:
             (tmp / "overlays").mkdir()
-            truth = item.get("truth")
+            truth = item["truth"]
             for i, name in enumerate(names):
                 panel = overlay_panel(display_slice(item["image"][i], item["stats"]),
                                       None if truth is None else truth[i], labels[i])
@@ -591,7 +590,7 @@ def write_case(out: Path, item: dict[str, Any], probs: np.ndarray, predictor: Pr
             "case_id": spec.case_id, "status": "predicted", "slices": int(z), "shape": list(labels.shape),
             "spacing": spacing, "liver_volume_ml": round(float(counts[1]) * voxel_ml, 4),
             "foreground_slices": int((labels.reshape(z, -1) > 0).any(axis=1).sum()),
-            "seconds": round(time.perf_counter() - started + item.get("load_s", 0.0), 4),
+            "seconds": round(time.perf_counter() - started + item["load_s"], 4),
             "model_fingerprint": ident.model_fingerprint, "input_fingerprint": spec.fingerprint,
             "settings_fingerprint": ident.settings_fingerprint, "settings": ident.settings,
             "formats": list(cfg.formats), "world_size": ident.world_size, "rank": ident.rank,
@@ -671,12 +670,11 @@ SUMMARY_FIELDS = ("case_id", "status", "slices", "height", "width", "spacing_z",
 
 def summary_row(rec: dict[str, Any], status: str) -> dict[str, Any]:
     """A flat summary row from a case record."""
-    shape = rec.get("shape") or [None, None, None]
-    spacing = rec.get("spacing") or [None, None, None]
-    return {"case_id": rec["case_id"], "status": status, "slices": rec.get("slices"), "height": shape[1],
+    shape, spacing = rec["shape"], rec["spacing"]
+    return {"case_id": rec["case_id"], "status": status, "slices": rec["slices"], "height": shape[1],
             "width": shape[2], "spacing_z": spacing[0], "spacing_y": spacing[1], "spacing_x": spacing[2],
-            "liver_volume_ml": rec.get("liver_volume_ml"), "foreground_slices": rec.get("foreground_slices"),
-            "seconds": rec.get("seconds"), "reason": ""}
+            "liver_volume_ml": rec["liver_volume_ml"], "foreground_slices": rec["foreground_slices"],
+            "seconds": rec["seconds"], "reason": ""}
 
 
 def collect_rows(out: Path, fingerprints: dict[str, str], reused: set[str], early_failures: list[dict[str, str]],
