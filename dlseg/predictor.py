@@ -70,7 +70,7 @@ class PredictConfig:
     batch_size: int = 64                 # slices per forward pass (packed across cases)
     workers: int = 2                     # DataLoader processes reading + decoding + normalizing cases
     prefetch: int = 2                    # cases each worker prepares ahead
-    write_threads: int = 2               # background writer threads
+    write_threads: int = 4               # background writer threads (inverse resize, threshold, PNG encode)
     max_pending_writes: int = 4          # cases waiting for the writers before compute pauses
     tta: bool = False                    # mean of probabilities over identity, h-flip, v-flip, both
     keep_largest: bool = False           # keep the largest 3D connected component (per class)
