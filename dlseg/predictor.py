@@ -741,6 +741,7 @@ class LoopStats:
     loop_s: float = 0.0                  # after the first case arrived
     wait_s: float = 0.0                  # blocked on the loader after the first case
     startup_s: float | None = None       # until the first case arrived (worker start + first read)
+    write_wait_s: float = 0.0            # blocked because the writers were behind
 
 
 class CohortRunner:
@@ -798,7 +799,9 @@ class CohortRunner:
                 self._step(active)
                 while active and active[0].done_z == active[0].z:
                     a = active.popleft()
-                    gate.acquire()
+                    t0 = time.perf_counter()
+                    gate.acquire()                         # back-pressure: at most max_pending_writes queued
+                    self.stats.write_wait_s += time.perf_counter() - t0
                     fut = pool.submit(self._write, a)
                     pending.add(fut)
                     fut.add_done_callback(lambda f: (gate.release(), self._advance(f, progress, task)))
@@ -937,6 +940,8 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
         "world_size": state.num_processes, "slices_predicted": slices,
         "images_per_s": round(slices / loop_s, 2) if loop_s > 0 else None,
         "data_wait_fraction": round(wait, 4),
+        "write_wait_fraction": round(sum(s["write_wait_s"] for s in all_stats)
+                                     / max(sum(s["loop_s"] for s in all_stats), 1e-9), 4),
         "startup_s": round(max((s["startup_s"] or 0.0 for s in all_stats), default=0.0), 3),
         "model_fingerprint": ident.model_fingerprint,
         "settings": settings, "input_kind": plan_d["kind"],
@@ -957,6 +962,10 @@ def report(totals: dict[str, Any], rows: list[dict[str, Any]], cfg: PredictConfi
     if totals["slices_predicted"] and totals["data_wait_fraction"] > cfg.wait_warning:
         console.print(f"[yellow]note:[/] the model waited for data {100 * totals['data_wait_fraction']:.0f}% of "
                       f"the time; more --workers (now {cfg.workers}) would keep it busier", highlight=False)
+    if totals["slices_predicted"] and totals["write_wait_fraction"] > cfg.wait_warning:
+        console.print(f"[yellow]note:[/] the model waited for the writers {100 * totals['write_wait_fraction']:.0f}% "
+                      f"of the time; more --write-threads (now {cfg.write_threads}) or fewer --format/--overlays "
+                      f"would keep it busier", highlight=False)
     for r in rows:
         if r["status"] == "failed":
             console.print(f"[red]failed[/] {r['case_id']}: {r['reason']}", highlight=False, soft_wrap=True)
