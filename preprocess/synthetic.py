@@ -37,6 +37,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -240,7 +241,7 @@ def _u(rng: np.random.Generator, lo: float, hi: float) -> float:
 
 def draw_anatomy(rng: np.random.Generator) -> Anatomy:
     """Draw a plausible, patient-specific abdomen."""
-    u = lambda lo, hi: _u(rng, lo, hi)  # noqa: E731
+    u = partial(_u, rng)
     top, bottom = u(0.09, 0.17), u(0.68, 0.8)
     span = bottom - top
     # Liver: a big right lobe, a dome, a left lobe reaching across the midline, an inferior tip.
