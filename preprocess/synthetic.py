@@ -346,6 +346,7 @@ def build_phantom(an: Anatomy, grid: Grid) -> Phantom:
     liver = _union(an.liver, t, q, p) + 0.22 * an.liver_field.sample(t, q, p)
     liver = np.minimum(liver, np.minimum((t - an.liver_top) * 8.0, (an.liver_bottom - t) * 8.0)[:, None, None])
     spleen = _union(an.spleen, t, q, p) + 0.15 * an.spleen_field.sample(t, q, p)
+    spleen = np.minimum(spleen, ((t - an.liver_top - 0.02) * 8.0)[:, None, None])   # under the left diaphragm
     fields = [liver, an.kidney_right.field(t, q, p), an.kidney_left.field(t, q, p), spleen,
               an.stomach.field(t, q, p), an.heart.field(t, q, p)]
     if an.gallbladder is not None:
