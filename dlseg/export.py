@@ -85,7 +85,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     except (TypeError, ValueError, KeyError) as e:
         raise ModelError(f"{d / META}: unusable arch ({e})") from None
     try:
-        state = load_file(str(weights), device=str(device))
+        state = load_file(str(weights), device="cpu")  # safetensors rejects "cpu:0"; move after
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise ModelError(f"{weights}: unreadable weights ({e})") from None
     try:
