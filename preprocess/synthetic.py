@@ -832,10 +832,15 @@ def write_mr_patient(job: PatientJob, root: Path) -> int:
 
 
 def write_patient(job: PatientJob, out_dir: Path) -> int:
-    """Write one patient under a temporary name, then move it into place; returns its slice count."""
+    """Write one patient in ``OUT_DIR/.synthetic-tmp/`` (which no CHAOS reader looks at), then move it into place.
+
+    A run killed half-way leaves no partial patient folder; returns the patient's slice count.
+    """
     final = out_dir / job.folder
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{job.patient}.tmp-", dir=final.parent))
+    scratch = out_dir / ".synthetic-tmp"
+    scratch.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{job.modality}-{job.patient}-", dir=scratch))
     try:
         n = (write_ct_patient if job.modality == "CT" else write_mr_patient)(job, tmp)
         if final.exists():
@@ -844,6 +849,10 @@ def write_patient(job: PatientJob, out_dir: Path) -> int:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            scratch.rmdir()
+        except OSError:          # another run is still using it
+            pass
     return n
 
 

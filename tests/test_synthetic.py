@@ -83,7 +83,7 @@ def test_layout_and_file_names(synthetic_root):
         assert [f.stem for f in g1] == [f.stem for f in inp]            # in-phase pairs by stem
         assert not {f.stem for f in outp} & {f.stem for f in g1}        # out-phase pairs by position
         assert [f.stem for f in g2] == [f.stem for f in t2]
-    assert not list(synthetic_root.rglob(".*tmp*"))
+    assert not list(synthetic_root.rglob(".*tmp*"))                      # scratch folder removed when done
 
 
 def test_sizes_and_slice_counts_vary(synthetic_root):
@@ -250,6 +250,18 @@ def test_rerun_replaces_a_patient_and_a_failed_patient_leaves_nothing(tmp_path, 
         generate(tmp_path / "x", patients=1, modality="mr", seed=0, **TINY)
     assert [p for p in (tmp_path / "x").rglob("*") if p.is_file()] == []
     assert list((tmp_path / "x" / "Train_Sets" / "MR").iterdir()) == []
+    assert not (tmp_path / "x" / ".synthetic-tmp").exists()
+
+
+def test_scratch_of_a_killed_run_is_not_a_patient(tmp_path):
+    from preprocess.layout import discover
+
+    generate(tmp_path, patients=2, modality="mr", seed=0, **TINY)
+    scratch = tmp_path / ".synthetic-tmp"                                # what kill -9 mid-patient leaves
+    scratch.mkdir()
+    (tmp_path / "Train_Sets" / "MR" / "1").rename(scratch / "MR-1-abc")
+    cases, failures = discover(tmp_path, "t1-in")
+    assert [c.case_id for c in cases] == ["MR-2-T1in"] and not failures
 
 
 def test_bad_values_raise_config_errors(tmp_path):
