@@ -859,7 +859,12 @@ def write_patient(job: PatientJob, out_dir: Path) -> int:
 def generate(out_dir, patients: int, modality: str = "mr", seed: int = 0,
              size_range: tuple[int, int] = (192, 256), slices_range: tuple[int, int] = (26, 36),
              test_patients: int = 0) -> Path:
-    """Write a synthetic CHAOS cohort under ``out_dir`` (Train_Sets/, and Test_Sets/ when test_patients > 0)."""
+    """Write a synthetic CHAOS cohort under ``out_dir`` (Train_Sets/, and Test_Sets/ when test_patients > 0).
+
+    ``patients`` and ``test_patients`` count per modality. Patient folders of the same ids are replaced, others
+    are left alone. Raises ConfigError for unusable values (before writing anything), OSError when writing fails.
+    Returns ``out_dir``.
+    """
     spec = CohortSpec(int(patients), modality, int(seed), (int(size_range[0]), int(size_range[1])),
                       (int(slices_range[0]), int(slices_range[1])), int(test_patients))
     out = Path(out_dir)
