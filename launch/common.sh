@@ -4,13 +4,15 @@
 #
 # Preemption protocol (see README, "SLURM"): Slurm sends USR1 to the batch shell (`--signal=B:USR1@SECONDS`, or
 # `scancel --signal=USR1 --batch JOBID`). The shell forwards it to the trainer processes, which finish their step,
-# save a checkpoint and exit with EXIT_PREEMPTED (75). The launcher (`accelerate launch`) turns any worker failure
+# save a checkpoint and exit with EXIT_PREEMPTED (75). SIGTERM (scancel, time limit) is forwarded too, so the state
+# is saved, but the job is not requeued: it is being ended on purpose. The launcher (`accelerate launch`) turns any worker failure
 # into its own status 1, so the trainer also leaves RUN/PREEMPTED; the shell requeues when it sees either, and the
 # requeued job passes `--resume auto` and continues from the newest complete checkpoint.
 
 DLSEG_EXIT_PREEMPTED=75      # dlseg.trainer.EXIT_PREEMPTED
 DLSEG_PREEMPTED_MARKER=PREEMPTED  # dlseg.trainer.PREEMPTED_MARKER, written in the run folder with exit 75
 DLSEG_PREEMPT_SIGNAL=""   # set to the signal name once the batch shell / node wrapper got USR1 or TERM
+DLSEG_TERMINATED=""       # set once it got TERM: the job is being cancelled/timed out/preempted by Slurm itself
 DLSEG_CHILD=""            # PID of the launcher started by dlseg_run_trainer
 DLSEG_FORWARD_TO=children # forward signals to the launcher's children (trainer ranks), or "self" (e.g. srun)
 
@@ -93,6 +95,7 @@ _dlseg_on_signal() {
     # Trap handler: remember the preemption and pass it on as USR1 (the trainer's save-and-exit signal).
     local sig=$1 first=${DLSEG_PREEMPT_SIGNAL:-yes}
     DLSEG_PREEMPT_SIGNAL=$sig
+    [[ $sig == TERM ]] && DLSEG_TERMINATED=1
     if [[ $first != yes ]]; then
         _dlseg_forward USR1                          # a repeat: pass it on quietly
     elif [[ -n $DLSEG_CHILD ]]; then
@@ -127,24 +130,26 @@ dlseg_catch_preemption() {
 _dlseg_remind() {
     # After a preemption signal, repeat it every DLSEG_RESEND_S seconds while the trainer runs: one that arrived
     # before the trainer installed its handler (during imports/setup) was ignored. The trainer's handler only sets a
-    # flag, so repeats are harmless.
-    local pause
-    sleep "${DLSEG_RESEND_S:-5}" &
-    pause=$!
-    wait "$pause" 2>/dev/null
+    # flag, so repeats are harmless. Returns as soon as the trainer has exited (Slurm's KillWait is short).
+    local i steps=$((${DLSEG_RESEND_S:-5} * 5))
+    for ((i = 0; i < steps; i++)); do
+        kill -0 "$DLSEG_CHILD" 2>/dev/null || return 0
+        sleep 0.2
+    done
     if kill -0 "$DLSEG_CHILD" 2>/dev/null; then _dlseg_forward USR1; fi
     return 0
 }
 
 dlseg_run_trainer() {
     # dlseg_run_trainer CMD...: run CMD in the background, pass USR1/TERM that this shell gets on to it as USR1, and
-    # return CMD's exit status. The launcher (accelerate launch) ignores USR1, which would otherwise kill it: only
-    # the trainer ranks, its children, act on it. With DLSEG_FORWARD_TO=self, CMD itself (srun) gets the signal.
+    # return CMD's exit status. The launcher (accelerate launch) ignores USR1 and TERM, which would otherwise kill it
+    # and orphan the trainer: only the trainer ranks, its children, act on them (a multi-process launcher installs its
+    # own TERM handler, which passes TERM on). With DLSEG_FORWARD_TO=self, CMD itself (srun) gets the signal.
     dlseg_catch_preemption
     if [[ $DLSEG_FORWARD_TO == self ]]; then
         "$@" &
     else
-        (trap '' USR1; exec "$@") &
+        (trap '' USR1 TERM; exec "$@") &
     fi
     DLSEG_CHILD=$!
     local rc again
@@ -179,6 +184,11 @@ dlseg_finish_training() {
     if dlseg_was_preempted "$rc" "$run"; then
         if [[ -z ${SLURM_JOB_ID:-} ]]; then
             dlseg_log "preempted (exit $rc) outside Slurm: rerun the same command to resume"
+            exit "$DLSEG_EXIT_PREEMPTED"
+        fi
+        if [[ -n $DLSEG_TERMINATED ]]; then
+            # scancel, the time limit, or Slurm's own preemption (which requeues by itself if so configured)
+            dlseg_log "stopped by SIGTERM (exit $rc), state saved: not requeueing; resubmit the same job to continue"
             exit "$DLSEG_EXIT_PREEMPTED"
         fi
         if ((restarts >= max)); then

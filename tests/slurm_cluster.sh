@@ -137,7 +137,7 @@ SlurmdParameters=config_overrides
 SchedulerParameters=sched_interval=2,bf_interval=2
 ReturnToService=2
 MinJobAge=600
-KillWait=10
+KillWait=30
 SlurmdTimeout=60
 InactiveLimit=0
 GresTypes=gpu

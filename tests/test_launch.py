@@ -224,13 +224,25 @@ def test_train_multinode_two_ranks_agree_and_survive_early_preemption(slurm, syn
     assert (run / "model" / "model.safetensors").is_file()
 
 
-def test_preemption_requeues_and_resumes_exactly(slurm, single_run, synthetic_store, tmp_path):
-    run = tmp_path / "preempted"
+def test_preemption_requeues_and_resumes_exactly_but_cancel_does_not(slurm, single_run, synthetic_store, tmp_path):
+    run, cancelled = tmp_path / "preempted", tmp_path / "cancelled"
     job = slurm.submit("launch/train.sbatch", *TINY, env={"RUN": str(run), "DATA": str(synthetic_store)})
+    # alongside (each node has 2 slots): a job the user cancels, which must save but not come back
+    other = slurm.submit("launch/train.sbatch", *TINY, env={"RUN": str(cancelled), "DATA": str(synthetic_store)})
     wait_for_training(slurm, job, run)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    wait_for_training(slurm, other, cancelled)
+    subprocess.run(["scancel", other], check=True, timeout=30)
     assert slurm.wait(job) == ["COMPLETED"], slurm.job_output(job) + run_logs(run)
     assert slurm.field(job, "Restarts") == "1"
+
+    assert slurm.wait(other) == ["CANCELLED"]
+    time.sleep(1)                                            # let the batch shell finish its last line
+    assert slurm.field(other, "Restarts") == "0"
+    logs = run_logs(cancelled)
+    assert "got SIGTERM" in logs and "requeueing job" not in logs, logs
+    assert "stopped by SIGTERM (exit 1), state saved: not requeueing" in logs, logs
+    assert "preempted (SIG" in (cancelled / "train.log").read_text()   # TERM from Slurm, USR1 from the script
 
     first = (run / f"slurm-{job}-restart0.log").read_text()
     second = (run / f"slurm-{job}-restart1.log").read_text()
