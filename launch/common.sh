@@ -2,12 +2,12 @@
 # Shared helpers for launch/*.sbatch (sourced, never run). Nothing site-specific lives here: the job scripts hold
 # the settings a site edits.
 #
-# Preemption protocol (see README, "SLURM"): Slurm sends USR1 to the batch shell (`--signal=B:USR1@SECONDS`, or
-# `scancel --signal=USR1 --batch JOBID`). The shell forwards it to the trainer processes, which finish their step,
-# save a checkpoint and exit with EXIT_PREEMPTED (75). SIGTERM (scancel, time limit) is forwarded too, so the state
-# is saved, but the job is not requeued: it is being ended on purpose. The launcher (`accelerate launch`) turns any worker failure
-# into its own status 1, so the trainer also leaves RUN/PREEMPTED; the shell requeues when it sees either, and the
-# requeued job passes `--resume auto` and continues from the newest complete checkpoint.
+# Preemption protocol (README, "SLURM"): Slurm sends USR1 to the batch shell (`--signal=B:USR1@SECONDS`, or
+# `scancel --signal=USR1 --batch JOBID`). The shell passes it to the trainer processes (repeating it until they act),
+# which finish their step, save a checkpoint, write RUN/PREEMPTED and exit 75. `accelerate launch` reports any worker
+# failure as 1, so the shell requeues (`scontrol requeue`) when it sees 75 or the marker; the requeued job passes
+# `--resume auto` and continues from the newest complete checkpoint. SIGTERM (scancel, time limit, Slurm's own
+# preemption) is passed on too, so the state is saved, but never requeued by the script: the job is ending on purpose.
 
 DLSEG_EXIT_PREEMPTED=75      # dlseg.trainer.EXIT_PREEMPTED
 DLSEG_PREEMPTED_MARKER=PREEMPTED  # dlseg.trainer.PREEMPTED_MARKER, written in the run folder with exit 75
