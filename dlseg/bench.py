@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--workers", type=int, default=d.workers, help="trainer DataLoader workers")
     p.add_argument("--train-epochs", type=int, default=d.train_epochs,
-                   help="trainer epochs; > 1: the first is warm-up, the rest timed")
+                   help="trainer epochs, alternating with as many passes of the bare loop")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="of which untimed on both sides")
     p.add_argument("--predict-workers", type=int, default=d.predict_workers)
     p.add_argument("--preprocess-workers", type=int, default=d.preprocess_workers, help="0 = one per core (≤ 8)")
     p.add_argument("--augment-on", choices=("cpu", "device"), default=d.augment_on, help="trainer augmentation side")
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], BenchConfig, str | No
         size=a.size, base_width=a.base_width, depth=a.depth, batch_size=a.batch_size,
         predict_batch_size=a.predict_batch_size, device=a.device, mixed_precision=a.mixed_precision,
         channels_last=a.channels_last, workers=a.workers, train_epochs=a.train_epochs,
+        warmup_epochs=a.warmup_epochs,
         predict_workers=a.predict_workers,
         preprocess_workers=a.preprocess_workers, augment_on=a.augment_on, threads=a.threads, quick=a.quick,
         patients=a.patients, memory_cases=tuple(a.memory_cases), synth_size=tuple(a.synth_size),
@@ -91,6 +93,8 @@ def check_config(cfg: BenchConfig) -> None:
     for key in ("size", "base_width", "depth", "batch_size", "predict_batch_size", "patients", "train_epochs"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(cfg, key)}")
+    if not 0 <= cfg.warmup_epochs < cfg.train_epochs:
+        raise ValueError(f"--warmup-epochs {cfg.warmup_epochs}: must be >= 0 and below --train-epochs")
     if min(cfg.workers, cfg.predict_workers, cfg.preprocess_workers, cfg.threads) < 0:
         raise ValueError("--workers, --predict-workers, --preprocess-workers and --threads must be >= 0")
     if cfg.size % (2 ** cfg.depth):
@@ -206,7 +210,7 @@ def header_lines(machine: dict[str, Any], cfg: BenchConfig, cohort: Cohort) -> l
         f"sizes: {cfg.size}×{cfg.size} px, U-Net base width {cfg.base_width} depth {cfg.depth}, "
         f"batch {cfg.batch_size} "
         f"(predict {cfg.predict_batch_size}), precision {cfg.mixed_precision}, channels_last {cfg.channels_last}, "
-        f"trainer workers {cfg.workers} ({cfg.train_epochs} epoch(s)), augment on {cfg.augment_on}, "
+        f"trainer workers {cfg.workers} ({cfg.train_epochs} epochs, {cfg.warmup_epochs} warm-up), augment on {cfg.augment_on}, "
         f"predict workers {cfg.predict_workers}, "
         f"memory cohorts {cfg.memory_cases[0]}/{cfg.memory_cases[1]} cases{' (quick)' if cfg.quick else ''}",
         f"data: store {cohort.store}" + (f", sources {cohort.chaos}" if cohort.chaos else ", no DICOM sources"),

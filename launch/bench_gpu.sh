@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 set +e
 python -m dlseg.bench all \
     --device cuda --size 256 --base-width 64 --depth 4 --mixed-precision bf16 --channels-last \
-    --batch-size 32 --predict-batch-size 128 --train-epochs 5 \
+    --batch-size 32 --predict-batch-size 128 --train-epochs 5 --warmup-epochs 1 \
     --workers "$WORKERS" --predict-workers "$WORKERS" --preprocess-workers "$WORKERS" --augment-on device \
     --patients 20 --memory-cases 10 40 \
     --cache-dir "$OUT/cache" --json "$OUT/bench-gpu.json" "$@" 2>&1 | tee "$OUT/bench-gpu.log"

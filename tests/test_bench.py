@@ -17,7 +17,8 @@ from dlseg.benchmarks.common import STAGES, BenchConfig, ensure_cohort, finite_p
 
 TINY = dict(size=32, base_width=4, depth=2, batch_size=4, predict_batch_size=8, predict_workers=0,
             preprocess_workers=2, patients=3, memory_cases=(1, 2), slicewise_cases=1, synth_size=(40, 48),
-            synth_slices=(6, 8), budget_s=0.05, quick=True, isolate=False, train_epochs=2)
+            synth_slices=(6, 8), budget_s=0.05, quick=True, isolate=False, train_epochs=2,
+            warmup_epochs=1)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ class BenchConfig:
     patients: int = 10                     # synthetic MR patients (T1 in-phase cases)
     memory_cases: tuple[int, int] = (10, 40)  # prediction memory: small vs large cohort
     slicewise_cases: int = 2               # cases run through the one-slice-at-a-time baseline
-    train_epochs: int = 1                  # > 1: the first epoch (and a first pass of the bare loop) is warm-up
+    train_epochs: int = 2                  # trainer epochs, alternating with as many bare-loop passes
+    warmup_epochs: int = 0                 # of which untimed on both sides (accelerators: 1)
     seed: int = 0
     synth_size: tuple[int, int] = (192, 256)   # synthetic in-plane size range
     synth_slices: tuple[int, int] = (26, 36)   # synthetic slices per series

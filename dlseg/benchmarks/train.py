@@ -3,11 +3,14 @@
 * ``trainer``: ``dlseg.trainer.Trainer`` built from a ``TrainConfig`` (Accelerate, the store loader with its
   workers and cache, augmentation on the configured side, mixed precision, optimizer, loss, per-step logging and
   progress bar), one training epoch timed from the first batch request to the last step, first epoch included
-  (worker start-up and cache filling count against the trainer); with ``train_epochs`` > 1 the first epoch is
-  warm-up and the others are timed (accelerators: kernel selection and a short epoch would hide the steady state);
+  (worker start-up and cache filling count against the trainer unless ``warmup_epochs`` excludes them:
+  accelerators, where kernel selection and short epochs would hide the steady state);
 * ``bare_loop``: a fresh model of the same architecture, the same optimizer and loss, forward/backward/step under
   the same autocast, over the same number of batches already on the device (no loader, no augmentation, no
-  Accelerate, no logging), first step included as well.
+  Accelerate, no logging).
+
+``train_epochs`` epochs and as many passes of the bare loop alternate (trainer epoch, bare pass, …), so that a
+machine load that drifts during the stage weighs on both; the first ``warmup_epochs`` of each are not timed.
 
 Overhead = 1 − trainer / bare loop; goal ≤ 10 %.
 """
@@ -65,46 +68,53 @@ def memory_batches(cfg: BenchConfig, cohort: Cohort, split: str, n: int, device:
     return batches
 
 
-def bare_loop(cfg: BenchConfig, arch: dict, num_classes: int, batches: list, device: str) -> Timing:
-    """Forward/backward/step over in-memory batches with a fresh model, Adam and the focal loss.
+class BareLoop:
+    """Forward/backward/step over in-memory batches: a fresh model, Adam and the focal loss, the same autocast."""
 
-    With ``train_epochs`` E > 1, one untimed pass over the batches, then E − 1 timed passes (like the trainer).
-    """
-    from dlseg.losses import LossConfig, build_loss
-    from dlseg.model import build_model
-    from dlseg.trainer import OptimConfig, build_optimizer
+    def __init__(self, cfg: BenchConfig, arch: dict, num_classes: int, device: str):
+        from dlseg.losses import LossConfig, build_loss
+        from dlseg.model import build_model
+        from dlseg.trainer import OptimConfig, build_optimizer
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(arch).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    optimizer = build_optimizer(OptimConfig(), model.parameters())
-    loss_fn = build_loss(LossConfig(), num_classes).to(device)
-    dtype = AMP[cfg.mixed_precision]
-    scaler = torch.amp.GradScaler(device.split(":")[0], enabled=dtype is torch.float16)
-    autocast = (torch.autocast(device_type=device.split(":")[0], dtype=dtype) if dtype is not None
-                else contextlib.nullcontext())
+        torch.manual_seed(cfg.seed)
+        self.device = device
+        self.model = build_model(arch).to(device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model.train()
+        self.optimizer = build_optimizer(OptimConfig(), self.model.parameters())
+        self.loss_fn = build_loss(LossConfig(), num_classes).to(device)
+        self.dtype = AMP[cfg.mixed_precision]
+        self.scaler = torch.amp.GradScaler(device.split(":")[0], enabled=self.dtype is torch.float16)
 
-    def step(image: torch.Tensor, mask: torch.Tensor) -> None:
-        with autocast:
-            loss = loss_fn(model(image), mask)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad()
+    def autocast(self):
+        """The mixed-precision context (none for full precision)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.dtype)
 
-    passes = max(1, cfg.train_epochs - 1)
-    if cfg.train_epochs > 1:
+    def step(self, image: torch.Tensor, mask: torch.Tensor) -> None:
+        """One optimizer step."""
+        with self.autocast():
+            loss = self.loss_fn(self.model(image), mask)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+
+    def run(self, batches: list) -> Timing:
+        """One timed pass over the batches."""
+        sync(self.device)
+        start = time.perf_counter()
         for image, mask in batches:
-            step(image, mask)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(passes):
-        for image, mask in batches:
-            step(image, mask)
-    sync(device)
-    return Timing(passes * sum(len(b[0]) for b in batches), time.perf_counter() - start)
+            self.step(image, mask)
+        sync(self.device)
+        return Timing(sum(len(b[0]) for b in batches), time.perf_counter() - start)
+
+
+def total(timings: list[Timing]) -> Timing:
+    """Items and seconds summed."""
+    return Timing(sum(t.items for t in timings), sum(t.seconds for t in timings))
 
 
 def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
@@ -117,22 +127,23 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     tcfg = train_config(cfg, cohort, str(out))
     trainer = Trainer(tcfg)
     device = str(trainer.accelerator.device)
-    epochs = [trainer_epoch(trainer, e) for e in range(cfg.train_epochs)]
-    timed = epochs[1:] if len(epochs) > 1 else epochs
-    res.add("trainer", Timing(sum(t.items for t in timed), sum(t.seconds for t in timed)))
-    stats = trainer.stats
-    steps = len(trainer.train_dl)
     threads = torch.get_num_threads()   # the trainer sets them on CPU (cores its loader workers leave)
-    arch, num_classes = trainer.arch, trainer.task.num_classes
-    del trainer
-    shutil.rmtree(out, ignore_errors=True)
-
+    steps = len(trainer.train_dl)
     batches = memory_batches(cfg, cohort, tcfg.loader.train_split, steps, device)
-    res.add("bare_loop", bare_loop(cfg, arch, num_classes, batches, device))
+    bare = BareLoop(cfg, trainer.arch, trainer.task.num_classes, device)
+    epochs, passes = [], []
+    for epoch in range(cfg.train_epochs):      # interleaved: a drifting machine load hits both sides alike
+        epochs.append(trainer_epoch(trainer, epoch))
+        passes.append(bare.run(batches))
+    stats = trainer.stats
+    del trainer, bare
+    shutil.rmtree(out, ignore_errors=True)
+    res.add("trainer", total(epochs[cfg.warmup_epochs:]))
+    res.add("bare_loop", total(passes[cfg.warmup_epochs:]))
     res.compare(Comparison("real trainer vs bare PyTorch loop (same model, batches in memory)", "trainer",
                            "bare_loop", "fraction of the bare loop's speed; ≥ 0.9 = overhead ≤ 10 %", goal_min=0.9))
     res.details.update({
-        "steps": steps, "epochs": cfg.train_epochs, "timed_epochs": len(timed),
+        "steps": steps, "epochs": cfg.train_epochs, "timed_epochs": cfg.train_epochs - cfg.warmup_epochs,
         "first_epoch_images_per_s": epochs[0].rate, "batch_size": cfg.batch_size, "size": cfg.size,
         "base_width": cfg.base_width,
         "depth": cfg.depth, "device": device, "mixed_precision": cfg.mixed_precision,
@@ -140,7 +151,8 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
         "train_split": tcfg.loader.train_split, "torch_threads": threads,
         "trainer_data_wait_fraction": stats.wait_s / max(stats.step_s, 1e-9),
     })
-    warm = "first epoch / first pass untimed" if cfg.train_epochs > 1 else "one epoch each, first step included"
+    warm = (f"{cfg.warmup_epochs} warm-up epoch(s) untimed on both sides" if cfg.warmup_epochs
+            else "every epoch timed, first step included on both sides")
     res.notes.append(f"bare loop at the trainer's compute threads ({threads}); {warm}; the trainer's loader, "
                      "augmentation, "
                      "Accelerate wrapping, loss sync and progress bar all count as overhead")
