@@ -128,10 +128,25 @@ def check_config(cfg: TrainConfig) -> None:
                        "sched.warmup_epochs": cfg.sched.warmup_epochs, "loader.workers": cfg.loader.workers}.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    check_trackers(cfg.trackers)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume: {cfg.resume}: no checkpoint folder here (or use 'auto')")
     if cfg.data is not None and not Path(cfg.data).exists():
         raise ConfigError(f"data: {cfg.data}: no such store")
+
+
+def check_trackers(names: list[str]) -> None:
+    """Each ``trackers`` entry must be an Accelerate tracker whose package is installed (else Accelerate only warns)."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = {t.value for t in LoggerType}
+    available = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"trackers: unknown tracker {name!r} (known: {', '.join(sorted(known))})")
+        if name != "all" and name not in available:
+            raise ConfigError(f"trackers: {name!r} is not installed (pip install {name})")
 
 
 # ------------------------------------------------------------------------------------------------ setup

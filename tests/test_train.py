@@ -78,6 +78,7 @@ def test_config_precedence_defaults_recipe_cli(tmp_path):
     (["--mixed_precision", "fp8"], "mixed_precision"),
     (["--config", "no_such_recipe"], "no_such_recipe"),
     (["--epochs", "0"], "epochs"),
+    (["--trackers", "no_such_tracker"], "trackers"),
 ])
 def test_config_errors_exit_2_naming_the_key(argv, key, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
