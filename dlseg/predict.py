@@ -2,7 +2,9 @@
 
 Also runs as ``python dlseg/predict.py …`` or ``python -m dlseg.predict …``. Thin script over
 :mod:`dlseg.predictor`. Exit status: 0 all cases written, 1 some cases failed (the rest are written and the
-summary lists the reasons), 2 unusable arguments, input or model (one line, no traceback).
+summary lists the reasons), 2 unusable arguments, input or model (one line, no traceback). With ``--shard I/N``
+(one task of a job array) the status is that of the shard's cases; a shard with no case (more tasks than cases)
+exits 0.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlays", action="store_true", help="overlays/ PNGs: image | ground truth | prediction")
     p.add_argument("--label-value", type=int, default=d.label_value, help="binary models: PNG value of the liver")
     p.add_argument("--mixed-precision", default=d.mixed_precision, choices=list(PRECISIONS), help="autocast dtype")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="predict only cases[I::N] of the cohort (job array task I of N, 0 ≤ I < N); tasks share "
+                        "--out and each writes summary-shard-I-of-N.csv/json")
     return p
 
 
@@ -51,7 +56,7 @@ def config_from_args(argv: list[str] | None = None) -> PredictConfig:
         workers=a.workers, prefetch=a.prefetch, write_threads=a.write_threads,
         max_pending_writes=a.max_pending_writes, tta=a.tta, keep_largest=a.keep_largest, threshold=a.threshold,
         formats=tuple(f.strip() for f in a.format.split(",") if f.strip()), overlays=a.overlays,
-        label_value=a.label_value, mixed_precision=a.mixed_precision,
+        label_value=a.label_value, mixed_precision=a.mixed_precision, shard=a.shard,
     )
 
 

@@ -13,6 +13,11 @@ the cases one batch spans, and the writers at most ``max_pending_writes`` cases.
 
 A case folder appears only by renaming a complete temporary folder, and its ``record.json`` carries the model,
 input and settings fingerprints, so re-running the same command skips exactly the cases already done.
+
+``--shard I/N`` (job arrays) keeps ``cases[I::N]`` of the deterministically ordered cohort; tasks share one output
+folder (their case folders are disjoint), each writes ``summary-shard-I-of-N.csv/json``, and each cleans only the
+temporaries of its own cases, so tasks never disturb each other. Running the same command without ``--shard``
+afterwards reuses every case and writes the cohort's ``summary.csv/json``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -50,7 +56,9 @@ FORMATS = ("png", "npz", "nifti")
 INPUT_KINDS = ("auto", "chaos", "dicom", "store")
 PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHAOS_GRAY_STEP = 63          # multi-class PNG value = class × 63 (liver 63, kidneys 126/189, spleen 252)
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"             # case temporaries: .tmp-<case>-<12 hex>, and .tmp-<case>-old-<8 hex> (install_case)
+TMP_CASE_RE = re.compile(r"\.tmp-(?P<case>.+)-(?:[0-9a-f]{12}|old-[0-9a-f]{8})")
+NOTE_TMP_RE = re.compile(r"\.(?P<case>.+)\.json\.[0-9a-f]{8}\.tmp")   # write_bytes_atomic's name in .failed/
 FAILED_DIR = ".failed"
 RECORD = "record.json"
 SOURCES = "sources.json"
@@ -80,6 +88,11 @@ class PredictConfig:
     label_value: int = 63                # binary models: PNG gray value of the liver
     mixed_precision: str = "no"          # no | fp16 | bf16 (autocast)
     wait_warning: float = 0.3            # warn once when data wait exceeds this fraction of loop time
+    shard: str | None = None             # "I/N": predict only cases[I::N] of the cohort (job array task I of N)
+
+    def shard_part(self) -> "Shard | None":
+        """The parsed ``--shard`` (None for the whole cohort); raises ConfigError when unusable."""
+        return None if self.shard is None else Shard.parse(self.shard)
 
     def check(self) -> None:
         """Raise ConfigError naming the first unusable option."""
@@ -106,6 +119,40 @@ class PredictConfig:
             raise ConfigError(f"--label-value {self.label_value}: expected 1..255")
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"--mixed-precision {self.mixed_precision!r}: expected no, fp16 or bf16")
+        self.shard_part()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Part ``index`` of ``count`` of a cohort: every count-th case, starting with the index-th."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """``"I/N"`` with 0 ≤ I < N → Shard (ConfigError naming --shard otherwise)."""
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if m is None:
+            raise ConfigError(f"--shard {text!r}: expected I/N with integers 0 ≤ I < N (e.g. 0/4)")
+        index, count = int(m.group(1)), int(m.group(2))
+        if count < 1 or index >= count:
+            raise ConfigError(f"--shard {text!r}: expected 0 ≤ I < N (N ≥ 1), got I={index}, N={count}")
+        return cls(index, count)
+
+    def select(self, items: list) -> list:
+        """This shard's share of a deterministically ordered list."""
+        return items[self.index::self.count]
+
+    @property
+    def name(self) -> str:
+        """``shard-I-of-N`` (used in summary file names)."""
+        return f"shard-{self.index}-of-{self.count}"
+
+
+def summary_stem(shard: Shard | None) -> str:
+    """``summary`` for the whole cohort, ``summary-shard-I-of-N`` for one shard (tasks never clobber each other)."""
+    return "summary" if shard is None else f"summary-{shard.name}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -654,13 +701,28 @@ def is_done(out: Path, spec: CaseSpec, ident: RunIdentity) -> dict[str, Any] | N
     return None
 
 
-def clean_stale(out: Path) -> int:
-    """Remove temporary case folders and failure notes left by an earlier (possibly killed) run."""
+def clean_stale(out: Path, case_ids: Iterable[str]) -> int:
+    """Remove the temporaries and failure notes of these cases left by an earlier (possibly killed) run.
+
+    Only the given cases' own names are touched (``.tmp-<case>-<token>``, ``.failed/<case>.json`` and its
+    temporary), so array tasks sharing ``out`` never delete another task's case in flight or its failure notes.
+    """
+    mine = set(case_ids)
     n = 0
-    for p in out.glob(f"{TMP_PREFIX}*"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        n += 1
-    shutil.rmtree(out / FAILED_DIR, ignore_errors=True)
+    with os.scandir(out) as entries:
+        for e in entries:
+            m = TMP_CASE_RE.fullmatch(e.name)
+            if m and m.group("case") in mine:
+                shutil.rmtree(e.path, ignore_errors=True) if e.is_dir() else os.unlink(e.path)
+                n += 1
+    failed = out / FAILED_DIR
+    if failed.is_dir():
+        with os.scandir(failed) as entries:
+            for e in entries:
+                m = NOTE_TMP_RE.fullmatch(e.name)
+                if (m and m.group("case") in mine) or (e.name.endswith(".json") and e.name[:-5] in mine):
+                    os.unlink(e.path)
+                    n += 1
     return n
 
 
@@ -700,15 +762,22 @@ def collect_rows(out: Path, fingerprints: dict[str, str], reused: set[str], earl
     return rows
 
 
-def write_summary(out: Path, rows: list[dict[str, Any]], totals: dict[str, Any]) -> None:
-    """``summary.csv`` and ``summary.json`` (each written atomically)."""
+def write_summary(out: Path, rows: list[dict[str, Any]], totals: dict[str, Any], stem: str = "summary") -> Path:
+    """``STEM.csv`` and ``STEM.json`` (each written atomically); returns the CSV's path."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(SUMMARY_FIELDS))
     writer.writeheader()
     for r in rows:
         writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_FIELDS})
-    write_bytes_atomic(out / "summary.csv", buf.getvalue().encode())
-    write_bytes_atomic(out / "summary.json", json.dumps({**totals, "cases": rows}, indent=1).encode())
+    write_bytes_atomic(out / f"{stem}.csv", buf.getvalue().encode())
+    write_bytes_atomic(out / f"{stem}.json", json.dumps({**totals, "cases": rows}, indent=1).encode())
+    return out / f"{stem}.csv"
+
+
+def missing_shard_summaries(out: Path, shard: Shard) -> list[str]:
+    """Names of the shard summaries of this array (same N) not yet in ``out``."""
+    names = [f"{summary_stem(Shard(i, shard.count))}.json" for i in range(shard.count)]
+    return [n for n in names if not (out / n).is_file()]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -863,18 +932,22 @@ class CohortRunner:
 
 
 def make_plan(cfg: PredictConfig, meta: dict[str, Any], out: Path, ident: RunIdentity) -> dict[str, Any]:
-    """Main process: find the cohort, clean stale temporaries, and split it into done and to-do cases."""
+    """Main process: find the cohort (this shard's part), clean its stale temporaries, split into done and to-do."""
     from preprocess.errors import CaseError, UsageError
     try:
+        shard = cfg.shard_part()
         cohort = find_cohort(cfg, meta)
         out.mkdir(parents=True, exist_ok=True)
     except (ConfigError, UsageError, StoreError, CaseError, OSError) as e:
         return {"error": str(e)}
-    clean_stale(out)
-    done = {s.case_id: is_done(out, s, ident) for s in cohort.cases}
-    return {"kind": cohort.kind, "todo": [s for s in cohort.cases if done[s.case_id] is None],
-            "all": {s.case_id: s.fingerprint for s in cohort.cases},
-            "reused": [c for c, r in done.items() if r is not None], "early": cohort.failures}
+    cases = cohort.cases if shard is None else shard.select(cohort.cases)
+    early = cohort.failures if shard is None else shard.select(cohort.failures)
+    clean_stale(out, [s.case_id for s in cases])
+    done = {s.case_id: is_done(out, s, ident) for s in cases}
+    return {"kind": cohort.kind, "todo": [s for s in cases if done[s.case_id] is None],
+            "all": {s.case_id: s.fingerprint for s in cases},
+            "reused": [c for c, r in done.items() if r is not None], "early": early,
+            "cohort_total": len(cohort.cases) + len(cohort.failures)}
 
 
 def process_state():
@@ -917,10 +990,18 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
     if "error" in plan_d:            # every rank stops with the main process's one-line reason
         raise ConfigError(plan_d["error"])
     mine = plan_d["todo"][state.process_index::state.num_processes]
+    shard = cfg.shard_part()
+    part = "" if shard is None else f"shard {shard.index}/{shard.count}: "
+    shard_total = len(plan_d["all"]) + len(plan_d["early"])
 
     runner = CohortRunner(predictor, cfg, out, ident)
-    console.print(f"predict: {len(plan_d['all'])} {plan_d['kind']} cases ({len(plan_d['reused'])} already done, "
-                  f"{len(plan_d['early'])} unusable) on {state.num_processes} process(es), device {state.device}")
+    console.print(f"predict: {part}{len(plan_d['all'])} of {plan_d['cohort_total']} {plan_d['kind']} cases "
+                  f"({len(plan_d['reused'])} already done, {len(plan_d['early'])} unusable) on "
+                  f"{state.num_processes} process(es), device {state.device}", highlight=False)
+    if shard is not None and shard_total == 0:
+        console.print(f"[yellow]note:[/] shard {shard.index}/{shard.count} has no cases (the cohort has "
+                      f"{plan_d['cohort_total']}, fewer than the {shard.count} shards): nothing to predict",
+                      highlight=False)
     with make_progress("slices") as progress:
         task = progress.add_task(f"predict (rank {state.process_index}/{state.num_processes})",
                                  total=sum(s.slices for s in mine), info="")
@@ -944,14 +1025,18 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
                                      / max(sum(s["loop_s"] for s in all_stats), 1e-9), 4),
         "startup_s": round(max((s["startup_s"] or 0.0 for s in all_stats), default=0.0), 3),
         "model_fingerprint": ident.model_fingerprint,
-        "settings": settings, "input_kind": plan_d["kind"],
+        "settings": settings, "input_kind": plan_d["kind"], "cohort_cases": plan_d["cohort_total"],
+        "shard": None if shard is None else {"index": shard.index, "count": shard.count},
     }
-    write_summary(out, rows, totals)
-    report(totals, rows, cfg)
+    path = write_summary(out, rows, totals, summary_stem(shard))
+    report(totals, rows, cfg, path)
+    if shard is not None and not missing_shard_summaries(out, shard):
+        console.print(f"all {shard.count} shard summaries are in {out}; for one summary.csv of the whole cohort, run "
+                      f"the same command without --shard (it reuses every complete case)", highlight=False)
     return {**totals, "cases": rows}
 
 
-def report(totals: dict[str, Any], rows: list[dict[str, Any]], cfg: PredictConfig) -> None:
+def report(totals: dict[str, Any], rows: list[dict[str, Any]], cfg: PredictConfig, summary: Path) -> None:
     """Final lines: counts, throughput, data-wait fraction (with a hint when high), failures."""
     console.print(
         f"predicted {totals['predicted']}, reused {totals['reused']}, failed {totals['failed']} of "
@@ -969,7 +1054,7 @@ def report(totals: dict[str, Any], rows: list[dict[str, Any]], cfg: PredictConfi
     for r in rows:
         if r["status"] == "failed":
             console.print(f"[red]failed[/] {r['case_id']}: {r['reason']}", highlight=False, soft_wrap=True)
-    console.print(f"summary: {Path(cfg.out) / 'summary.csv'}", highlight=False)
+    console.print(f"summary: {summary}", highlight=False)
 
 
 def slicewise_baseline(predictor: Predictor, files: list[str | os.PathLike], out_dir: str | os.PathLike,

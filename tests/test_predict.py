@@ -26,7 +26,8 @@ from dlseg.model import build_model
 from dlseg.normalize import NormConfig
 from dlseg.predict import main
 from dlseg.predictor import (
-    PredictConfig, Predictor, context_inputs, largest_component, nifti_affine, predict_cohort, slice_names,
+    PredictConfig, Predictor, Shard, clean_stale, context_inputs, largest_component, nifti_affine, predict_cohort,
+    slice_names,
 )
 from preprocess.dicom import read_series
 from preprocess.layout import discover
@@ -307,11 +308,12 @@ def test_resume_skips_done_and_recomputes_tmp(synthetic_root, ct_model, tmp_path
     assert {c: (out / c / "record.json").stat().st_mtime_ns for c in ids} == mtimes
     # a kill in the middle of writing: the case exists only as a temporary folder
     victim = ids[2]
-    os.rename(out / victim, out / f".tmp-{victim}-deadbeef")
-    (out / ".tmp-other-123").mkdir()
+    os.rename(out / victim, out / f".tmp-{victim}-deadbeef0123")
+    (out / ".tmp-CT-other-0123456789ab").mkdir()     # not a case of this cohort: another run's, left alone
     third = run(ct_model, synthetic_root, out)
     assert third["predicted"] == 1 and third["reused"] == 5
-    assert (out / victim / "record.json").is_file() and not list(out.glob(".tmp-*"))
+    assert (out / victim / "record.json").is_file()
+    assert [p.name for p in out.glob(".tmp-*")] == [".tmp-CT-other-0123456789ab"]
     # other settings → recomputed
     fourth = run(ct_model, synthetic_root, out, threshold=0.7)
     assert fourth["predicted"] == 6
@@ -346,6 +348,110 @@ def test_missing_or_mismatched_model_exit_2(ct_model, synthetic_root, tmp_path, 
     code = main(["--model", str(broken), "--input", str(synthetic_root), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "do not match" in err
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+
+def test_shard_selection_is_disjoint_and_complete():
+    items = list(range(11))
+    for n in range(1, 6):
+        parts = [Shard(i, n).select(items) for i in range(n)]
+        assert sorted(x for p in parts for x in p) == items                  # complete, nothing twice
+        assert [len(p) for p in parts] == [len(items[i::n]) for i in range(n)]
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1               # balanced
+    assert Shard.parse("2/5") == Shard(2, 5) and Shard(2, 5).name == "shard-2-of-5"
+    assert Shard(3, 7).select([1, 2]) == []
+
+
+@pytest.mark.parametrize("value", ["2/2", "-1/2", "1/0", "0/0", "a/b", "3", "1/2/3", "", "1.0/2"])
+def test_bad_shard_is_one_line_exit_2(value, ct_model, synthetic_root, tmp_path, capsys):
+    code = main(["--model", str(ct_model), "--input", str(synthetic_root), "--out", str(tmp_path / "o"),
+                 f"--shard={value}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--shard" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def summary_ids(path: Path) -> list[str]:
+    with open(path) as f:
+        return [r["case_id"] for r in csv.DictReader(f)]
+
+
+def test_shards_share_out_then_one_summary_by_reuse(synthetic_root, ct_model, tmp_path, capsys):
+    cases = [c.case_id for c in discover(synthetic_root, "ct", "liver")[0]]
+    assert len(cases) == 6
+    out = tmp_path / "out"
+    out.mkdir()
+    # another task's case in flight and its failure note; a temporary of a case whose id extends ours
+    foreign_tmp = out / f".tmp-{cases[0]}-0123456789ab"
+    lookalike = out / f".tmp-{cases[1]}-old-0123456789ab"        # case "<id>-old" in flight, not ours
+    (out / ".failed").mkdir()
+    foreign_note = out / ".failed" / f"{cases[0]}.json"
+    for p in (foreign_tmp, lookalike):
+        p.mkdir()
+    foreign_note.write_text("{}")
+    own_stale = out / f".tmp-{cases[1]}-old-89abcdef"               # left by a killed task 1 earlier
+    own_stale.mkdir()
+    (out / ".failed" / f"{cases[1]}.json").write_text('{"reason": "old"}')
+
+    for i in (1, 2, 0):
+        summary = run(ct_model, synthetic_root, out, shard=f"{i}/3")
+        assert summary["shard"] == {"index": i, "count": 3} and summary["cohort_cases"] == 6
+        assert [r["case_id"] for r in summary["cases"]] == cases[i::3]
+        assert {r["status"] for r in summary["cases"]} == {"predicted"}
+        assert summary_ids(out / f"summary-shard-{i}-of-3.csv") == cases[i::3]
+        doc = json.loads((out / f"summary-shard-{i}-of-3.json").read_text())
+        assert doc["cases_total"] == 2 and doc["predicted"] == 2
+        if i == 1:                       # task 1 cleaned only its own leftovers
+            assert foreign_tmp.is_dir() and lookalike.is_dir() and foreign_note.is_file()
+            assert not own_stale.exists() and not (out / ".failed" / f"{cases[1]}.json").exists()
+            foreign_tmp.rmdir()          # (task 0 would have renamed it into place)
+        said = capsys.readouterr().out
+        assert ("all 3 shard summaries" in said) == (i == 0)
+    assert not (out / "summary.csv").exists()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(cases)
+    records = {c: json.loads((out / c / "record.json").read_text()) for c in cases}
+
+    # the same command without --shard: every case reused, nothing predicted, one summary.csv for the cohort
+    whole = run(ct_model, synthetic_root, out)
+    assert whole["reused"] == 6 and whole["predicted"] == 0 and whole["slices_predicted"] == 0
+    assert whole["shard"] is None and sorted(summary_ids(out / "summary.csv")) == sorted(cases)
+    assert {c: json.loads((out / c / "record.json").read_text()) for c in cases} == records
+
+
+def test_store_shards(synthetic_store, mr_model, tmp_path):
+    from dlseg.store import Store
+
+    val = Store(synthetic_store).split_cases("val")
+    out = tmp_path / "out"
+    got = [[r["case_id"] for r in run(mr_model, synthetic_store, out, split="val", shard=f"{i}/2")["cases"]]
+           for i in range(2)]
+    assert got == [val[0::2], val[1::2]] and all(got)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(val)
+
+
+def test_empty_shard_is_success(ct_model, synthetic_root, tmp_path, capsys):
+    out = tmp_path / "o"
+    code = main(["--model", str(ct_model), "--input", str(synthetic_root), "--out", str(out), "--shard", "6/7"])
+    said = capsys.readouterr().out
+    assert code == 0 and "shard 6/7 has no cases" in said
+    doc = json.loads((out / "summary-shard-6-of-7.json").read_text())
+    assert doc["cases_total"] == 0 and doc["cases"] == [] and doc["cohort_cases"] == 6
+    assert summary_ids(out / "summary-shard-6-of-7.csv") == []
+    assert not (out / "summary.csv").exists()
+
+
+def test_clean_stale_touches_only_named_cases(tmp_path):
+    for name in (".tmp-A-0123456789ab", ".tmp-A-old-01234567", ".tmp-A-B-0123456789ab", ".tmp-AB-0123456789ab",
+                 ".tmp-A-old-0123456789ab", ".tmp-A-xyz"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".failed").mkdir()
+    for name in ("A.json", ".A.json.0123abcd.tmp", "A-B.json", "AB.json"):
+        (tmp_path / ".failed" / name).write_text("{}")
+    assert clean_stale(tmp_path, ["A"]) == 4
+    assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == [
+        ".tmp-A-B-0123456789ab", ".tmp-A-old-0123456789ab", ".tmp-A-xyz", ".tmp-AB-0123456789ab"]
+    assert sorted(p.name for p in (tmp_path / ".failed").iterdir()) == ["A-B.json", "AB.json"]
 
 
 # ---------------------------------------------------------------------------------------------------- other inputs
