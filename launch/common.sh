@@ -231,38 +231,23 @@ dlseg_node_main() {
     exit "$rc"
 }
 
-dlseg_shard_input() {
-    # dlseg_shard_input INPUT I N DEST: a CHAOS tree under DEST holding links to every N-th patient folder of INPUT
-    # (per Train_Sets|Test_Sets / CT|MR folder, sorted), starting with the I-th; prints DEST. Other inputs: error.
-    local input=$1 index=$2 count=$3 dest=$4 sets=() set mod patient name rel n kept=0
-    input=$(cd "$input" 2>/dev/null && pwd -P) || { dlseg_log "error: INPUT=$1: no such folder"; return 2; }
-    for name in Train_Sets Test_Sets; do [[ -d $input/$name ]] && sets+=("$name"); done
-    if ((${#sets[@]} == 0)); then
-        if [[ -d $input/CT || -d $input/MR ]]; then sets=(.); else
-            dlseg_log "error: INPUT=$input: an array split needs a CHAOS tree (Train_Sets/, Test_Sets/ or CT/, MR/);" \
-                "predict other inputs with a single job"
-            return 2
-        fi
+dlseg_array_shard() {
+    # This job array task's share of the cohort as I/N for `predict.py --shard`: I = (task id - min) / step, N = the
+    # number of tasks (so --array=1-7:2 gives 0/4 .. 3/4). Prints nothing outside an array or for a one-task array;
+    # an index list that is not a regular range (e.g. 1,2,5) is an error, since some cases would have no task.
+    local count=${SLURM_ARRAY_TASK_COUNT:-} id=${SLURM_ARRAY_TASK_ID:-} min=${SLURM_ARRAY_TASK_MIN:-0}
+    local step=${SLURM_ARRAY_TASK_STEP:-1} max
+    [[ -n $count && -n $id ]] || return 0
+    max=${SLURM_ARRAY_TASK_MAX:-$((min + step * (count - 1)))}
+    if [[ ! "$count $id $min $step $max" =~ ^[0-9]+\ [0-9]+\ [0-9]+\ [0-9]+\ [0-9]+$ ]]; then
+        dlseg_log "error: unusable job array variables (count=$count id=$id min=$min step=$step max=$max)"
+        return 2
     fi
-    { rm -rf "$dest" && mkdir -p "$dest"; } || { dlseg_log "error: $dest: cannot create"; return 2; }
-    for set in "${sets[@]}"; do
-        for mod in CT MR; do
-            [[ -d $input/$set/$mod ]] || continue
-            n=0
-            for patient in "$input/$set/$mod"/*/; do
-                [[ -d $patient ]] || continue
-                if ((n % count == index)); then
-                    rel="$set/$mod/$(basename "$patient")"
-                    mkdir -p "$dest/$set/$mod"
-                    ln -s "${patient%/}" "$dest/$rel"
-                    kept=$((kept + 1))
-                fi
-                n=$((n + 1))
-            done
-        done
-    done
-    # a CHAOS-looking root even when this shard got no patient (predict then reports no cases)
-    mkdir -p "$dest/${sets[0]}/MR"
-    dlseg_log "array task $index of $count: $kept patient folder(s) of $input"
-    echo "$dest"
+    ((count > 1)) || return 0
+    if ((step < 1 || max != min + step * (count - 1) || id < min || id > max || (id - min) % step != 0)); then
+        dlseg_log "error: array indices $min-$max (step $step, $count tasks) are not a regular range;" \
+            "submit with --array=A-B or --array=A-B:S"
+        return 2
+    fi
+    echo "$(((id - min) / step))/$count"
 }

@@ -261,21 +261,28 @@ def test_preemption_requeues_and_resumes_exactly_but_cancel_does_not(slurm, sing
 
 def test_predict_array_writes_every_case(slurm, single_run, synthetic_root, tmp_path):
     out = tmp_path / "pred"
-    job = slurm.submit("launch/predict.sbatch", sbatch=("--array=0-1",),
+    # indices 1 and 3: the script counts shards from the first index in steps of 2 (shards 0/2 and 1/2)
+    job = slurm.submit("launch/predict.sbatch", sbatch=("--array=1-3:2",),
                        env={"MODEL": str(single_run), "INPUT": str(synthetic_root), "OUT": str(out),
                             "LOG_DIR": str(tmp_path / "logs")})
     assert slurm.wait(job) == ["COMPLETED", "COMPLETED"], slurm.job_output(job)
+    logs = "\n".join(p.read_text(errors="replace") for p in sorted((tmp_path / "logs").glob("slurm-*.log")))
+    assert "--shard 0/2" in logs and "--shard 1/2" in logs, logs
     expected = sorted(f"MR-{p.name}-T1in" for p in (synthetic_root / "Train_Sets" / "MR").iterdir())
     written: list[str] = []
-    for shard in ("shard-0-of-2", "shard-1-of-2"):
-        summary = json.loads((out / shard / "summary.json").read_text())
+    for index in (0, 1):
+        summary = json.loads((out / f"summary-shard-{index}-of-2.json").read_text())
+        assert summary["shard"] == {"index": index, "count": 2} and summary["cohort_cases"] == len(expected)
         assert summary["failed"] == 0 and summary["predicted"] == summary["cases_total"] >= 1
         for row in summary["cases"]:
             assert row["status"] == "predicted"
-            case = out / shard / row["case_id"]
+            case = out / row["case_id"]
             assert (case / "record.json").is_file() and len(list(case.glob("*.png"))) == row["slices"]
             written.append(row["case_id"])
     assert sorted(written) == expected                      # every case once, split across the two tasks
+    folders = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != ".failed")
+    assert folders == expected                              # one OUT, nothing temporary left, no .inputs tree
+    assert not (out / "summary.csv").exists()
 
 
 def test_scripts_parse_and_pass_shellcheck():
