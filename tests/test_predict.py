@@ -1,5 +1,5 @@
 """Cohort prediction: CHAOS/DICOM/store inputs, exactness vs a one-slice reference, TTA, post-processing,
-resume and kill safety, failures, NIfTI geometry, and a two-process run.
+resume and kill safety, failures, NIfTI geometry, shards (--shard I/N) and a two-process run of one shard.
 
 Models are tiny (base width 4, depth 2, 32 px) with random weights whose output layer is rescaled so logits
 spread over about ±8: plumbing, not accuracy.
@@ -517,20 +517,22 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_write_each_case_once(synthetic_root, ct_model, tmp_path):
+def test_two_processes_split_a_shard_and_write_each_case_once(synthetic_root, ct_model, tmp_path):
+    cases = [c.case_id for c in discover(synthetic_root, "ct", "liver")[0]]
     out = tmp_path / "out"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(free_port()),
            str(REPO / "dlseg" / "predict.py"), "--model", str(ct_model), "--input", str(synthetic_root),
-           "--out", str(out), "--workers", "1", "--batch-size", "8"]
+           "--out", str(out), "--workers", "1", "--batch-size", "8", "--shard", "1/2"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "on 2 process(es)" in proc.stdout
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["predicted"] == 6
+    summary = json.loads((out / "summary-shard-1-of-2.json").read_text())
+    assert summary["world_size"] == 2 and summary["predicted"] == 3
+    assert [r["case_id"] for r in summary["cases"]] == cases[1::2]      # the shard's cases, split over the ranks
     records = [json.loads((out / r["case_id"] / "record.json").read_text()) for r in summary["cases"]]
     assert {r["rank"] for r in records} == {0, 1} and all(r["world_size"] == 2 for r in records)
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert folders == sorted(r["case_id"] for r in records)      # every case exactly once, nothing temporary
+    assert folders == sorted(cases[1::2])                   # every case exactly once, nothing temporary
