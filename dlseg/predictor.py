@@ -132,7 +132,7 @@ class Shard:
     @classmethod
     def parse(cls, text: str) -> "Shard":
         """``"I/N"`` with 0 ≤ I < N → Shard (ConfigError naming --shard otherwise)."""
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        m = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", text)
         if m is None:
             raise ConfigError(f"--shard {text!r}: expected I/N with integers 0 ≤ I < N (e.g. 0/4)")
         index, count = int(m.group(1)), int(m.group(2))
