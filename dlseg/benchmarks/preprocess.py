@@ -6,6 +6,9 @@
   writes, split), each in its own process so that its peak memory is its own; with N workers the largest
   worker's peak is the per-worker figure (spawned pool processes).
 * ``idle worker``: a process that has imported the converter and done nothing: the floor of every worker.
+
+Rates are measured on the large memory cohort (``memory_cases[1]`` cases, the synthetic patients repeated); the
+N-worker run is repeated on the small one to show that a worker's peak does not grow with the cohort.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import shutil
 import time
 
-from .common import MB, BenchConfig, BenchSkip, Cohort, Comparison, StageResult, Timing, isolated, memory_check
+from .common import (
+    MB, BenchConfig, BenchSkip, Cohort, Comparison, StageResult, Timing, isolated, memory_check, replicated_tree,
+)
 
 
 def decode_all(chaos: str) -> dict:
@@ -64,13 +69,17 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     if cohort.chaos is None:
         raise BenchSkip("needs the DICOM sources (--source) of the given store")
     res = StageResult("preprocess", "slices/s")
-    chaos, scratch = str(cohort.chaos), cohort.root / "scratch-preprocess"
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = cohort.root / "scratch-preprocess"
+    shutil.rmtree(scratch, ignore_errors=True)
+    small_n, large_n = cfg.memory_cases
+    small = str(replicated_tree(cohort.chaos, small_n, scratch / f"cohort-{small_n}"))
+    chaos = str(replicated_tree(cohort.chaos, large_n, scratch / f"cohort-{large_n}"))
     n = default_workers(cfg)
     opts = {"isolate": cfg.isolate, "threads": cfg.threads}
     decoded, mem_decode = isolated(decode_all, chaos, **opts)
     one, mem_one = isolated(convert_all, chaos, str(scratch / "w1.zarr"), 1, **opts)
     many, mem_many = isolated(convert_all, chaos, str(scratch / f"w{n}.zarr"), n, **opts)
+    _, mem_small = isolated(convert_all, small, str(scratch / f"w{n}-small.zarr"), n, **opts)
     _, mem_idle = isolated(idle_worker, **opts)
     shutil.rmtree(scratch, ignore_errors=True)
     res.add("decode_only", Timing(decoded["slices"], decoded["seconds"]))
@@ -89,6 +98,7 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
                   "workers_1_peak_rss_mb": mem_one["peak_rss_mb"],
                   f"workers_{n}_main_peak_rss_mb": mem_many["peak_rss_mb"],
                   f"workers_{n}_per_worker_peak_rss_mb": worker_peak,
+                  f"workers_{n}_per_worker_peak_rss_mb_{small_n}_cases": mem_small["children_peak_rss_mb"],
                   "idle_worker_rss_mb": idle, "largest_case_mb": case_mb}
     if cfg.isolate:
         res.memory_checks.append(memory_check(
@@ -98,8 +108,13 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
         res.memory_checks.append(memory_check(
             "per-worker working memory vs the whole cohort decoded", max(worker_peak - idle, 0.0),
             decoded["cohort_bytes"] / MB, None, "the same ÷ every case of the cohort decoded at once"))
+        res.memory_checks.append(memory_check(
+            f"per-worker peak memory, {large_n} vs {small_n} cases", worker_peak, mem_small["children_peak_rss_mb"],
+            1.10, f"largest worker's peak converting {large_n} cases ÷ converting {small_n}; ≤ 1.10 = does not grow "
+                  "with the cohort"))
     res.details.update({"cases": decoded["cases"], "slices": decoded["slices"], "workers": n})
-    res.notes.append("each run in a fresh process (worker start-up and the final split/finalize included); "
-                     "decoding alone is timed inside its process")
+    res.notes.append(f"the {large_n}-case cohort repeats the synthetic patients (symlinked folders); each run in a "
+                     "fresh process (worker start-up and the final split/finalize included); decoding alone is "
+                     "timed inside its process")
     return res
 
