@@ -116,6 +116,27 @@ def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compos
     return transform
 
 
+class SampleTransform:
+    """The per-sample training transform as ``dlseg.data`` calls it: ``t(image, mask) -> (image, mask)``.
+
+    Wraps :func:`build_cpu_transform` (albumentations takes named arguments and returns a dict) and has the
+    ``set_random_seed(seed)`` the dataset calls before each sample (``dlseg.data.SeededTransform``), which reseeds
+    through :func:`seed_transform`. Picklable, for loader worker processes.
+    """
+
+    def __init__(self, cfg: AugmentConfig, seed: int | None = None):
+        self.compose = build_cpu_transform(cfg, seed=seed)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Augmented (image, mask): float32 (H,W) or (H,W,C) and uint8 (H,W), same size."""
+        out = self.compose(image=image, mask=mask)
+        return out["image"], out["mask"]
+
+    def set_random_seed(self, seed: int | None) -> None:
+        """Reseed every step from one generator pair (see :func:`seed_transform`)."""
+        seed_transform(self.compose, seed)
+
+
 def seed_transform(transform: A.Compose, seed: int | None) -> None:
     """Seed every step from ONE shared generator pair.
 

@@ -21,17 +21,18 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
 
 from dlseg import checkpoint as ckpt
 from dlseg import curves
-from dlseg.augment import AugmentConfig, BatchAugment, build_cpu_transform, seed_transform
+from dlseg.augment import AugmentConfig, BatchAugment, SampleTransform
 from dlseg.config import ConfigError, save_yaml, to_dict
 from dlseg.console import console, make_progress
 from dlseg.data import DataConfig, build_train_loader, build_val_loader, norm_config
@@ -86,7 +87,8 @@ class TrainConfig:
     out: str = "runs/default"
     seed: int = 0
     epochs: int = 20
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None = the launcher's (accelerate config/env)
+    dist_timeout_s: int = 1800            # collective timeout: a dead or stuck rank makes the others exit
     resume: str | None = None             # None | "auto" | checkpoint folder
     loader: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -116,7 +118,8 @@ def check_config(cfg: TrainConfig) -> None:
     positive = {"epochs": cfg.epochs, "grad_accum": cfg.grad_accum, "keep_last": cfg.keep_last,
                 "max_nonfinite": cfg.max_nonfinite, "loader.batch_size": cfg.loader.batch_size,
                 "loader.val_batch_size": cfg.loader.val_batch_size, "loader.size": cfg.loader.size,
-                "sched.step_size": cfg.sched.step_size, "synthetic.patients": cfg.synthetic.patients}
+                "sched.step_size": cfg.sched.step_size, "synthetic.patients": cfg.synthetic.patients,
+                "dist_timeout_s": cfg.dist_timeout_s}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
@@ -150,6 +153,15 @@ def check_trackers(names: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ setup
+
+def accelerator_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """``Accelerator`` arguments: precision (None lets Accelerate take the launcher's), collective timeout, logging."""
+    return {
+        "mixed_precision": cfg.mixed_precision, "gradient_accumulation_steps": cfg.grad_accum,
+        "log_with": list(cfg.trackers) or None, "project_dir": str(cfg.out), "step_scheduler_with_optimizer": False,
+        "kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))],
+    }
+
 
 def check_launch(accelerator: Accelerator) -> None:
     """Refuse the launch trap: a launcher started N processes but each one runs alone (no process group).
@@ -287,21 +299,6 @@ class PreemptFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-class SampleTransform:
-    """The albumentations transform as ``dlseg.data`` calls it: ``t(image, mask) -> (image, mask)``, seeded per sample."""
-
-    def __init__(self, compose):
-        self.compose = compose
-
-    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.compose(image=image, mask=mask)
-        return out["image"], out["mask"]
-
-    def set_random_seed(self, seed: int | None) -> None:
-        """One generator pair shared by all steps (see ``augment.seed_transform``)."""
-        seed_transform(self.compose, seed)
 
 
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -459,10 +456,7 @@ class Trainer:
         check_config(cfg)
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.accelerator = Accelerator(
-            mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-            log_with=list(cfg.trackers) or None, project_dir=str(self.out), step_scheduler_with_optimizer=False,
-        )
+        self.accelerator = Accelerator(**accelerator_kwargs(cfg))
         check_launch(self.accelerator)
         acc = self.accelerator
         self.threads = set_cpu_threads(acc, cfg)
@@ -483,7 +477,7 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss, self.task.num_classes).to(self.accelerator.device)
         optimizer = build_optimizer(cfg.optim, model.parameters())
         scheduler = build_scheduler(cfg.sched, optimizer, cfg.epochs)
-        transform = (SampleTransform(build_cpu_transform(cfg.augment, seed=cfg.seed))
+        transform = (SampleTransform(cfg.augment, seed=cfg.seed)
                      if cfg.augment_on == "cpu" and cfg.augment.enabled else None)
         self.device_augment = BatchAugment(cfg.augment) if cfg.augment_on == "device" else None
         train_dl = build_train_loader(self.store_path, cfg.loader, seed=cfg.seed, transform=transform)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dlseg.augment import (AugmentConfig, AugmentParams, BatchAugment, apply_dihedral, build_cpu_transform,
-                           compose_dihedral, seed_transform)
+from dlseg.augment import (AugmentConfig, AugmentParams, BatchAugment, SampleTransform, apply_dihedral,
+                           build_cpu_transform, compose_dihedral, seed_transform)
 
 OFF = AugmentConfig(hflip=0, vflip=0, transpose=0, scale=0, rotate90=0, brightness_contrast=0)
 SIZE = 24
@@ -394,3 +394,21 @@ def test_cpu_transform_survives_pickling_for_worker_processes():
     copy = pickle.loads(pickle.dumps(t))
     assert all(np.array_equal(t(image=img, mask=mask)["image"], copy(image=img, mask=mask)["image"])
                for _ in range(10))
+
+
+def test_sample_transform_is_the_datasets_seeded_interface():
+    import pickle
+
+    from dlseg.data import SeededTransform
+
+    img, mask = coded_image(), label_mask()
+    t = SampleTransform(AugmentConfig(), seed=0)
+    assert isinstance(t, SeededTransform)
+    t.set_random_seed(7)
+    image, out_mask = t(img, mask)
+    ref = build_cpu_transform(AugmentConfig(), seed=7)(image=img, mask=mask)
+    assert np.array_equal(image, ref["image"]) and np.array_equal(out_mask, ref["mask"])
+    copy = pickle.loads(pickle.dumps(t))
+    t.set_random_seed(8)
+    copy.set_random_seed(8)
+    assert all(np.array_equal(a, b) for a, b in zip(t(img, mask), copy(img, mask)))

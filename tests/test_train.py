@@ -63,7 +63,7 @@ def test_config_precedence_defaults_recipe_cli(tmp_path):
     recipe.write_text("epochs: 7\noptim:\n  lr: 0.002\nloader:\n  size: 64\n")
     cfg = parse(["--config", str(recipe), "--optim.lr", "3e-3", "--out", "runs/x"])
     assert (cfg.epochs, cfg.optim.lr, cfg.loader.size, cfg.out) == (7, 3e-3, 64, "runs/x")
-    assert cfg.sched.step_size == 4 and cfg.mixed_precision == "no"        # defaults untouched
+    assert cfg.sched.step_size == 4 and cfg.mixed_precision is None        # defaults untouched
     demo = parse(["--config", "demo"])
     assert demo.data is None and demo.loader.workers <= 2
     article = parse(["--config", "chaos_t1in"])
@@ -78,6 +78,7 @@ def test_config_precedence_defaults_recipe_cli(tmp_path):
     (["--mixed_precision", "fp8"], "mixed_precision"),
     (["--config", "no_such_recipe"], "no_such_recipe"),
     (["--epochs", "0"], "epochs"),
+    (["--dist_timeout_s", "0"], "dist_timeout_s"),
     (["--trackers", "no_such_tracker"], "trackers"),
 ])
 def test_config_errors_exit_2_naming_the_key(argv, key, capsys, tmp_path):
@@ -93,6 +94,37 @@ def test_launch_trap_refused(monkeypatch):
     with pytest.raises(ConfigError, match="WORLD_SIZE"):
         trainer.check_launch(types.SimpleNamespace(num_processes=1))
     trainer.check_launch(types.SimpleNamespace(num_processes=2))
+
+
+def test_mixed_precision_default_takes_the_launchers_and_explicit_wins(tmp_path):
+    code = (
+        "import json, sys\n"
+        "from accelerate import Accelerator\n"
+        "from accelerate.state import AcceleratorState\n"
+        "from dlseg.trainer import TrainConfig, accelerator_kwargs\n"
+        "got = []\n"
+        "for mp in (None, 'no', 'fp16'):\n"
+        "    got.append(Accelerator(**accelerator_kwargs(TrainConfig(mixed_precision=mp, out=sys.argv[1])))"
+        ".mixed_precision)\n"
+        "    AcceleratorState._reset_state(True)\n"
+        "print(json.dumps(got))\n")
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_USE_CPU": "true"}  # as `accelerate launch`
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["bf16", "no", "fp16"]
+
+
+def test_dist_timeout_builds_the_process_group_kwargs():
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cfg = parse(["--dist_timeout_s", "42"])
+    (handler,) = trainer.accelerator_kwargs(cfg)["kwargs_handlers"]
+    assert isinstance(handler, InitProcessGroupKwargs)
+    assert handler.to_kwargs() == {"timeout": timedelta(seconds=42)}          # backend left to Accelerate
+    assert trainer.TrainConfig().dist_timeout_s == 1800
 
 
 def test_schedules():
@@ -184,7 +216,7 @@ def test_two_cpu_ranks(synthetic_store, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           TRAIN, *tiny(synthetic_store, out, "--epochs", "1", "--debug_shards", "true")]
+           TRAIN, *tiny(synthetic_store, out, "--epochs", "1", "--debug_shards", "true", "--dist_timeout_s", "120")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = curves.read_metrics(out)
