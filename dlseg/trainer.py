@@ -193,11 +193,12 @@ def ensure_synthetic(cfg: TrainConfig) -> Path:
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    console.print(f"Generating the synthetic cohort ({s.patients} MR patients) in {final} …")
-    generate(tmp / "chaos", patients=s.patients, modality="mr", seed=s.seed)
+    workers = max(1, min(4, os.cpu_count() or 1))
+    console.print(f"Generating the synthetic cohort ({s.patients} MR patients, T1 in-phase) in {final} …")
+    generate(tmp / "chaos", patients=s.patients, modality="mr", seed=s.seed, sequences=("t1-in",), workers=workers)
     code = preprocess_main([str(tmp / "chaos"), str(tmp / "t1in.zarr"), "--modality", "t1-in",
                             "--val-fraction", str(s.val_fraction), "--seed", str(s.seed),
-                            "--workers", str(max(1, min(4, os.cpu_count() or 1)))])
+                            "--workers", str(workers)])
     if code != 0:
         raise StoreError(f"{tmp}: preprocessing the synthetic cohort failed (exit {code})")
     try:

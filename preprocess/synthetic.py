@@ -32,9 +32,11 @@ and a patient's files do not depend on how many other patients are generated.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shutil
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import partial
@@ -54,6 +56,7 @@ from dlseg.config import ConfigError
 MR_GRAY = {"liver": 63, "right_kidney": 126, "left_kidney": 189, "spleen": 252}
 CT_LIVER_GRAY = 255
 MODALITIES = ("mr", "ct", "both")
+MR_SEQUENCES = ("t1-in", "t1-out", "t2")   # what an MR patient can have written (CT has its one series)
 # Patient numbers of the real CHAOS training sets, extended with larger numbers; test patients get the
 # smallest numbers not used for training. Gaps and two-digit ids exercise natural ordering.
 CHAOS_MR_IDS = (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)
@@ -679,11 +682,16 @@ class CohortSpec:
     size_range: tuple[int, int] = (192, 256)
     slices_range: tuple[int, int] = (26, 36)
     test_patients: int = 0
+    sequences: tuple[str, ...] = MR_SEQUENCES   # MR series to write; the others are still drawn, not written
 
     def __post_init__(self) -> None:
         """Reject values that cannot make a cohort (ConfigError naming the option)."""
         if self.modality not in MODALITIES:
             raise ConfigError(f"modality: {self.modality!r} is not one of {', '.join(MODALITIES)}")
+        unknown = [q for q in self.sequences if q not in MR_SEQUENCES]
+        if unknown or not self.sequences:
+            raise ConfigError(f"sequences: {list(self.sequences)} must be a non-empty subset of "
+                              f"{', '.join(MR_SEQUENCES)}")
         if self.patients < 1:
             raise ConfigError(f"patients: {self.patients} must be at least 1")
         if self.test_patients < 0:
@@ -783,7 +791,13 @@ def write_ct_patient(job: PatientJob, root: Path) -> int:
 
 
 def write_mr_patient(job: PatientJob, root: Path) -> int:
-    """One MR patient (T1DUAL in/out phase + T2SPIR, each with Ground); returns the number of slices written."""
+    """One MR patient (T1DUAL in/out phase + T2SPIR, each with Ground); returns the number of slices written.
+
+    Only the series in ``spec.sequences`` are written. Everything up to T1 is drawn whatever is written (the
+    random stream stays the same) and T2 comes last, so a written series has the same bytes with or without
+    the others.
+    """
+    wanted = job.spec.sequences
     rng = job.rng()
     an, contrast = draw_anatomy(rng), draw_contrast(rng)
     lo, hi = job.spec.slices_range
@@ -809,14 +823,19 @@ def write_mr_patient(job: PatientJob, root: Path) -> int:
     t1 = {**common, "ScanningSequence": "GR", "SequenceVariant": "SP", "RepetitionTime": "150", "FlipAngle": "70"}
     stems = [f"IMG-{s1:04d}-{2 * k + 2:05d}" for k in range(n1)]
     for phase, volume, te, echo, parity in (("InPhase", inphase, "4.6", 2, 2), ("OutPhase", outphase, "2.3", 1, 1)):
+        if ("t1-in" if phase == "InPhase" else "t1-out") not in wanted:
+            continue
         meta = SeriesMeta("MR", f"SYN-MR-{job.patient:04d}", study, _uids(job, "series", phase), frame, s1,
                           f"T1 DUAL {phase.lower()}", grid1, z_top, length, spacing1 - gap1, spacing1,
                           (*key, phase), extra={**t1, "EchoTime": te, "EchoNumbers": echo})
         numbers = [2 * k + parity for k in range(n1)]
         write_series(root / "T1DUAL" / "DICOM_anon" / phase, [f"IMG-{s1:04d}-{m:05d}.dcm" for m in numbers],
                      volume, meta, numbers)
-    if not job.test:
+    n_t1 = n1 * sum(q in wanted for q in ("t1-in", "t1-out"))
+    if n_t1 and not job.test:
         write_ground(root / "T1DUAL" / "Ground", [f"{s}.png" for s in stems], mr_ground(ph1.organ))
+    if "t2" not in wanted:
+        return n_t1
 
     ph2 = build_phantom(an, grid2)
     t2 = render_t2(rng, an, ph2, grid2, contrast)
@@ -828,7 +847,7 @@ def write_mr_patient(job: PatientJob, root: Path) -> int:
     write_series(root / "T2SPIR" / "DICOM_anon", [f"{s}.dcm" for s in names2], t2, meta, range(1, n2 + 1))
     if not job.test:
         write_ground(root / "T2SPIR" / "Ground", [f"{s}.png" for s in names2], mr_ground(ph2.organ))
-    return 2 * n1 + n2
+    return n_t1 + n2
 
 
 def write_patient(job: PatientJob, out_dir: Path) -> int:
@@ -858,18 +877,28 @@ def write_patient(job: PatientJob, out_dir: Path) -> int:
 
 def generate(out_dir, patients: int, modality: str = "mr", seed: int = 0,
              size_range: tuple[int, int] = (192, 256), slices_range: tuple[int, int] = (26, 36),
-             test_patients: int = 0) -> Path:
+             test_patients: int = 0, sequences: Sequence[str] = MR_SEQUENCES, workers: int = 1) -> Path:
     """Write a synthetic CHAOS cohort under ``out_dir`` (Train_Sets/, and Test_Sets/ when test_patients > 0).
 
-    ``patients`` and ``test_patients`` count per modality. Patient folders of the same ids are replaced, others
-    are left alone. Raises ConfigError for unusable values (before writing anything), OSError when writing fails.
-    Returns ``out_dir``.
+    ``patients`` and ``test_patients`` count per modality; ``sequences`` picks the MR series written (a series'
+    bytes do not depend on it); ``workers`` > 1 writes patients in that many processes (same bytes). Patient
+    folders of the same ids are replaced, others are left alone. Raises ConfigError for unusable values (before
+    writing anything), OSError when writing fails. Returns ``out_dir``.
     """
     spec = CohortSpec(int(patients), modality, int(seed), (int(size_range[0]), int(size_range[1])),
-                      (int(slices_range[0]), int(slices_range[1])), int(test_patients))
+                      (int(slices_range[0]), int(slices_range[1])), int(test_patients), tuple(sequences))
+    if int(workers) < 1:
+        raise ConfigError(f"workers: {workers} must be at least 1")
     out = Path(out_dir)
-    for job in plan(spec):
-        write_patient(job, out)
+    jobs = plan(spec)
+    if int(workers) == 1 or len(jobs) == 1:
+        for job in jobs:
+            write_patient(job, out)
+        return out
+    # spawn: the caller (e.g. the trainer) may hold OpenMP/OpenCV thread pools that fork does not copy safely.
+    with ProcessPoolExecutor(min(int(workers), len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        for _ in pool.map(write_patient, jobs, [out] * len(jobs)):
+            pass
     return out
 
 
@@ -888,6 +917,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--slices", type=int, nargs=2, metavar=("MIN", "MAX"), default=(26, 36),
                     help="slices per series range")
     ap.add_argument("--test-patients", type=int, default=0, help="unlabeled patients per modality (Test_Sets/)")
+    ap.add_argument("--sequences", nargs="+", choices=MR_SEQUENCES, default=list(MR_SEQUENCES),
+                    help="MR series to write (default: all)")
     return ap
 
 
@@ -910,7 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if e.code in (0, None) else 2
     try:
         spec = CohortSpec(args.patients, args.modality, args.seed, tuple(args.size), tuple(args.slices),
-                          args.test_patients)
+                          args.test_patients, tuple(args.sequences))
     except ConfigError as e:
         _error(str(e))
         return 2

@@ -229,6 +229,15 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert sum(a[k] != c[k] for k in shared) > 0.9 * len(shared)
 
 
+def test_t1_in_only_with_two_workers_gives_the_same_bytes(tmp_path):
+    full = _tree_bytes(generate(tmp_path / "full", patients=2, modality="mr", seed=0, **TINY))
+    only = _tree_bytes(generate(tmp_path / "only", patients=2, modality="mr", seed=0, sequences=("t1-in",),
+                                workers=2, **TINY))
+    assert only and all(full[rel] == data for rel, data in only.items())
+    assert not any("OutPhase" in rel or "T2SPIR" in rel for rel in only)
+    assert {rel for rel in full if "InPhase" in rel or "T1DUAL/Ground" in rel} == set(only)
+
+
 def test_a_patient_does_not_depend_on_the_cohort_size(tmp_path):
     one = _tree_bytes(generate(tmp_path / "one", patients=1, modality="ct", seed=5, **TINY))
     three = _tree_bytes(generate(tmp_path / "three", patients=3, modality="ct", seed=5, **TINY))
@@ -268,7 +277,9 @@ def test_bad_values_raise_config_errors(tmp_path):
     from dlseg.config import ConfigError
 
     for kwargs in ({"patients": 0}, {"patients": 1, "modality": "pet"}, {"patients": 1, "size_range": (64, 48)},
-                   {"patients": 1, "slices_range": (2, 3)}, {"patients": 1, "test_patients": -1}):
+                   {"patients": 1, "slices_range": (2, 3)}, {"patients": 1, "test_patients": -1},
+                   {"patients": 1, "sequences": ("t1",)}, {"patients": 1, "sequences": ()},
+                   {"patients": 1, "workers": 0}):
         with pytest.raises(ConfigError):
             generate(tmp_path, **kwargs)
     assert list(tmp_path.iterdir()) == []

@@ -281,3 +281,18 @@ def test_cpu_threads_leave_cores_to_loader_workers(monkeypatch):
         assert trainer.set_cpu_threads(fake, cfg) == 3                    # left as it is
     finally:
         torch.set_num_threads(before)
+
+
+def test_ensure_synthetic_writes_t1_in_only_once(tmp_path):
+    cfg = parse(["--out", str(tmp_path / "runs" / "demo"), "--synthetic.patients", "2",
+                 "--synthetic.val_fraction", "0.5"])
+    store_path = trainer.ensure_synthetic(cfg)
+    assert store_path == tmp_path / "runs" / "_synthetic" / "mr-p2-s0-v0.5" / "t1in.zarr"
+    store = Store(store_path)
+    assert sorted(store.split_cases("train") + store.split_cases("val")) == ["MR-1-T1in", "MR-2-T1in"]
+    chaos = store_path.parent / "chaos" / "Train_Sets" / "MR" / "1"
+    assert (chaos / "T1DUAL" / "DICOM_anon" / "InPhase").is_dir()
+    assert not (chaos / "T1DUAL" / "DICOM_anon" / "OutPhase").exists() and not (chaos / "T2SPIR").exists()
+    before = (store_path / "zarr.json").stat().st_mtime_ns
+    assert trainer.ensure_synthetic(cfg) == store_path                       # reused, not regenerated
+    assert (store_path / "zarr.json").stat().st_mtime_ns == before
