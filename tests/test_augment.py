@@ -412,3 +412,61 @@ def test_sample_transform_is_the_datasets_seeded_interface():
     t.set_random_seed(8)
     copy.set_random_seed(8)
     assert all(np.array_equal(a, b) for a, b in zip(t(img, mask), copy(img, mask)))
+
+
+# ---------------------------------------------------------------- batched path vs torch reference ops
+
+def reference_batch(image: torch.Tensor, mask: torch.Tensor, params: AugmentParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """hflip → vflip → transpose → rot90 per sample with torch ops, then affine_grid/grid_sample zoom (no intensity)."""
+    import torch.nn.functional as F
+
+    imgs, masks = [], []
+    for i in range(image.shape[0]):
+        x, m = image[i:i + 1], mask[i:i + 1].unsqueeze(1).float()
+        ops = [(params.hflip, lambda y: y.flip(-1)), (params.vflip, lambda y: y.flip(-2)),
+               (params.transpose, lambda y: y.transpose(-1, -2)),
+               (params.rotate90, lambda y, k=int(params.quarter_turns[i]): torch.rot90(y, k, (-2, -1)))]
+        for flag, op in ops:
+            if flag[i]:
+                x, m = op(x), op(m)
+        if params.scale[i]:
+            theta = torch.tensor([[[1 / params.zoom[i].item(), 0, 0], [0, 1 / params.zoom[i].item(), 0]]])
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            m = F.grid_sample(m, grid, mode="nearest", padding_mode="border", align_corners=False)
+        imgs.append(x)
+        masks.append(m[:, 0].to(mask.dtype))
+    return torch.cat(imgs), torch.cat(masks)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_batch_matches_per_sample_torch_reference(size):
+    # symmetries exact; zoom at grid_sample's positions: image to float tolerance, mask exactly (no half-pixel ties
+    # at these random zooms)
+    g = torch.Generator().manual_seed(size)
+    n = 48
+    image = torch.randn(n, 2, size, size, generator=g)
+    mask = torch.randint(0, 5, (n, size, size), generator=g)
+    aug = BatchAugment(replace(AugmentConfig(), brightness_contrast=0.0))
+    params = aug.sample(n, "cpu", torch.Generator().manual_seed(1))
+    out, out_mask = aug.apply(image, mask, params)
+    ref, ref_mask = reference_batch(image, mask, params)
+    assert 0 < int(params.scale.sum()) < n
+    assert torch.equal(out_mask, ref_mask)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    unzoomed = ~params.scale
+    assert torch.equal(out[unzoomed], ref[unzoomed])
+
+
+def test_batch_outputs_do_not_share_memory_between_calls():
+    # intermediates are reused between batches; returned tensors must not be
+    aug = BatchAugment(AugmentConfig())
+    g = torch.Generator().manual_seed(6)
+    image = torch.from_numpy(encoded(label_mask())).expand(16, 1, SIZE, SIZE).contiguous()
+    mask = torch.from_numpy(label_mask()).expand(16, SIZE, SIZE).contiguous()
+    first, first_mask = aug(image, mask, generator=g)
+    kept, kept_mask = first.clone(), first_mask.clone()
+    second, second_mask = aug(image * 2, mask, generator=g)
+    assert torch.equal(first, kept) and torch.equal(first_mask, kept_mask)
+    assert not torch.equal(second_mask, first_mask)
+    assert torch.equal(image, torch.from_numpy(encoded(label_mask())).expand(16, 1, SIZE, SIZE))
