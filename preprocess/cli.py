@@ -140,14 +140,6 @@ def run_cases(cfg: PreprocessConfig, sources: list[CaseSource], qa_dir: str | No
             raise
 
 
-def complete_cases(writer: StoreWriter) -> list[str]:
-    """Ids of the complete cases currently in the store."""
-    return sorted(
-        c.name for c in writer.path.iterdir()
-        if c.is_dir() and not c.name.startswith(".") and writer.complete_fingerprint(c.name) is not None
-    )
-
-
 def run(cfg: PreprocessConfig, show_progress: bool = True) -> RunReport:
     """Discover, convert (skipping unchanged cases), drop stale ones, split by patient, finalize the store."""
     check_config(cfg)
@@ -173,7 +165,7 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> RunReport:
     writer.clean_partial()  # no worker is left; drop the empty staging folder
     failed_ids = {f.case_id for f in report.failures}
     wanted = {s.case_id for s in sources} - failed_ids
-    for cid in complete_cases(writer):
+    for cid in writer.case_ids():
         if cid not in wanted:
             writer.remove_case(cid)
             report.removed.append(cid)
