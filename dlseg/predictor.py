@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dlseg.config import ConfigError
 from dlseg.console import console, make_progress
+from dlseg.distributed import check_launch
 from dlseg.export import META, WEIGHTS, load_model, resolve_model_dir
 from dlseg.normalize import NormConfig, ResizeMapping, intensity_stats, prepare_volume
 from dlseg.store import Store, StoreError, sanitize_case_id
@@ -956,12 +957,7 @@ def process_state():
     from accelerate.utils import parse_flag_from_env
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if state.num_processes != launched:
-        raise ConfigError(
-            f"launch: the launcher started {launched} processes (WORLD_SIZE) but this one sees {state.num_processes} "
-            f"(no process group; on CPU-only machines set ACCELERATE_USE_CPU=true); refusing to predict every case "
-            f"{launched} times")
+    check_launch(state, f"; refusing to predict every case {os.environ.get('WORLD_SIZE')} times")
     return state
 
 

@@ -12,7 +12,6 @@ original geometry is what ``dlseg.evaluate`` reports on predictions.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -36,6 +35,7 @@ from dlseg.augment import AugmentConfig, BatchAugment, SampleTransform
 from dlseg.config import ConfigError, save_yaml, to_dict
 from dlseg.console import console, make_progress
 from dlseg.data import DataConfig, build_train_loader, build_val_loader, norm_config
+from dlseg.distributed import check_launch
 from dlseg.export import export_model
 from dlseg.losses import LossConfig, build_loss
 from dlseg.model import ModelConfig, arch_dict, build_model
@@ -161,22 +161,6 @@ def accelerator_kwargs(cfg: TrainConfig) -> dict[str, Any]:
         "log_with": list(cfg.trackers) or None, "project_dir": str(cfg.out), "step_scheduler_with_optimizer": False,
         "kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))],
     }
-
-
-def check_launch(accelerator: Accelerator) -> None:
-    """Refuse the launch trap: a launcher started N processes but each one runs alone (no process group).
-
-    ``accelerate launch --multi_gpu --num_processes 2`` on a machine without GPUs and without
-    ``ACCELERATE_USE_CPU=true`` starts two processes with WORLD_SIZE=2 in their environment that each get
-    ``num_processes == 1``: two independent runs on all the data, writing the same folder.
-    """
-    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if accelerator.num_processes != launched:
-        raise ConfigError(
-            f"launch: the launcher started {launched} processes (WORLD_SIZE) but this one sees "
-            f"{accelerator.num_processes} (no process group; on CPU-only machines set ACCELERATE_USE_CPU=true "
-            "or use accelerate_configs/cpu_2proc.yaml)"
-        )
 
 
 def ensure_synthetic(cfg: TrainConfig) -> Path:

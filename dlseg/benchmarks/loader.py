@@ -28,7 +28,7 @@ from pydicom.pixels import apply_rescale
 from dlseg.data import MB, DataConfig, EpochSampler, SliceDataset
 from dlseg.normalize import NormConfig, ResizeMapping, normalize
 
-from .common import BenchConfig, BenchSkip, Cohort, Comparison, StageResult, Timing, measure
+from .common import BenchConfig, BenchSkip, Cohort, Comparison, StageResult, measure
 
 def prepare_slice(image: np.ndarray, mask: np.ndarray, stats: dict, modality: str, size: int,
                   norm: NormConfig) -> dict:
