@@ -9,11 +9,13 @@ import argparse
 import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Generator, Iterator
 
 from rich.markup import escape
 from rich.table import Table
@@ -117,27 +119,67 @@ def check_config(cfg: PreprocessConfig) -> None:
         raise UsageError(f"{out}: folder is not empty and is not a Zarr store; choose another output")
 
 
-def run_cases(cfg: PreprocessConfig, sources: list[CaseSource], qa_dir: str | None) -> Iterator[CaseResult]:
-    """Convert cases in this process (workers=1) or in a spawn-started process pool; yields as they finish."""
-    workers = min(cfg.workers, len(sources))
-    if workers <= 1:
-        for src in sources:
-            yield process_case(cfg.out, src, cfg.labels, qa_dir)
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(process_case, cfg.out, src, cfg.labels, qa_dir): src for src in sources}
-        try:
-            for fut in as_completed(futures):
-                try:
-                    yield fut.result()
-                except BrokenProcessPool:  # a worker was killed (e.g. by the kernel's OOM killer)
-                    src = futures[fut]
-                    yield CaseResult(src.case_id, "failed", len(src.image_files), path=src.relative(src.image_files[:1])[0],
-                                     reason="worker process died (killed, or out of memory); re-run to retry", subject=src.subject)
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+def one_core_worker() -> None:
+    """Pool initializer: a worker uses one core (zarr's codec threads and OpenCV's pool are one thread each).
+
+    ``--workers N`` then means N cores, without N workers each starting a thread per core and fighting.
+    """
+    import cv2
+    import zarr
+
+    cv2.setNumThreads(1)
+    zarr.config.set({"threading.max_workers": 1})
+
+
+WORKER_DIED = "worker process died converting this case (a crash in a decoder, or out of memory); the other cases went on"
+
+
+def convert_in_pool(workers: int, todo: deque[CaseSource], job: Callable[[CaseSource], CaseResult],
+                    ) -> Generator[CaseResult, None, list[CaseSource]]:
+    """Convert the cases of ``todo`` (consumed) in a fresh pool of spawned workers; yield results as they finish.
+
+    At most two cases per worker are handed over at a time, so that when a worker dies (the pool is then
+    broken) only those few are in doubt: they are returned, and the cases still in ``todo`` were not started.
+    """
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=one_core_worker)
+    running: dict[Future, CaseSource] = {}
+    try:
+        while todo or running:
+            while todo and len(running) < 2 * workers:
+                src = todo.popleft()
+                running[pool.submit(job, src)] = src
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = []
+            for fut in done:
+                src = running.pop(fut)
+                if isinstance(fut.exception(), BrokenProcessPool):
+                    broken.append(src)
+                else:
+                    yield fut.result()  # process_case reports bad input as a result; anything else is a bug
+            if broken:
+                return broken + list(running.values())
+        return []
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_cases(cfg: PreprocessConfig, sources: list[CaseSource], qa_dir: str | None,
+              convert: Callable[..., CaseResult] = process_case) -> Iterator[CaseResult]:
+    """Convert cases in spawned worker processes, one core each; yield results as they finish.
+
+    The main process only hands out cases and collects results, so a crash in a native decoder or the kernel's
+    OOM killer takes down a worker, never the run: the cases that worker may have held are retried one at a
+    time, each alone in a fresh process; the one that dies again fails alone and the cohort goes on.
+    """
+    job = partial(convert, cfg.out, labels=cfg.labels, qa_dir=qa_dir)
+    todo = deque(sources)
+    while todo:
+        suspects = yield from convert_in_pool(max(1, min(cfg.workers, len(todo))), todo, job)
+        for src in suspects:
+            if (yield from convert_in_pool(1, deque([src]), job)):
+                yield CaseResult(src.case_id, "failed", len(src.image_files), path=src.relative(src.image_files[:1])[0],
+                                 reason=WORKER_DIED, subject=src.subject)
 
 
 def run(cfg: PreprocessConfig, show_progress: bool = True) -> RunReport:

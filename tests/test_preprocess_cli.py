@@ -297,3 +297,52 @@ def test_non_image_object_changes_pairing_counts(tmp_path):
     assert data.image.shape[0] == 2 and data.attrs["mask_files"] == [
         "MR/2/T1DUAL/Ground/IMG-0004-00001.png", "MR/2/T1DUAL/Ground/IMG-0004-00005.png"]
     assert any("skipped 1 non-image" in n for n in data.attrs["notes"])
+
+
+def die_on_ct_2(store_path, src, labels, qa_dir):
+    """A converter whose worker process dies on case CT-2 (as a decoder crash or the OOM killer would do)."""
+    from preprocess.convert import process_case
+    if src.case_id == "CT-2":
+        os._exit(70)
+    return process_case(store_path, src, labels, qa_dir)
+
+
+def report_threads(store_path, src, labels, qa_dir):
+    """A converter that reports the worker's thread budget instead of converting."""
+    import cv2
+    import zarr
+    from preprocess.convert import CaseResult
+    return CaseResult(src.case_id, "skipped", 0, notes=[f"{cv2.getNumThreads()},{zarr.config.get('threading.max_workers')}",
+                                                         str(os.getpid())])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_dying_worker_fails_its_case_alone(tmp_path, workers):
+    from preprocess.cli import WORKER_DIED, PreprocessConfig, run_cases
+    from preprocess.layout import discover
+    src = tmp_path / "src"
+    for p in range(1, 6):
+        make_ct_patient(src, str(p), n=3, seed=p)
+    out = tmp_path / "o.zarr"
+    sources, _ = discover(str(src), "ct", "liver")
+    cfg = PreprocessConfig(src=str(src), out=str(out), modality="ct", workers=workers)
+    results = list(run_cases(cfg, sources, None, convert=die_on_ct_2))
+    assert sorted(r.case_id for r in results) == [f"CT-{p}" for p in range(1, 6)]     # each case reported once
+    status = {r.case_id: (r.status, r.reason) for r in results}
+    assert status.pop("CT-2") == ("failed", WORKER_DIED)
+    assert set(status.values()) == {("written", "")}
+    for p in (1, 3, 4, 5):
+        assert (out / f"CT-{p}" / "image").is_dir()
+
+
+def test_workers_are_spawned_with_one_core_each(tmp_path):
+    from preprocess.cli import PreprocessConfig, run_cases
+    from preprocess.layout import discover
+    src = tmp_path / "src"
+    for p in range(1, 4):
+        make_ct_patient(src, str(p), n=2, seed=p)
+    sources, _ = discover(str(src), "ct", "liver")
+    cfg = PreprocessConfig(src=str(src), out=str(tmp_path / "o.zarr"), modality="ct", workers=1)
+    results = list(run_cases(cfg, sources, None, convert=report_threads))
+    assert [r.notes[0] for r in results] == ["1,1"] * 3                      # OpenCV 1 thread, zarr codec pool 1
+    assert {int(r.notes[1]) for r in results} != {os.getpid()}               # converted in a worker, not here
