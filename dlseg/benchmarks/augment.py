@@ -10,6 +10,10 @@ Both start from the same prepared training slices in memory and end with an augm
 
 from __future__ import annotations
 
+import itertools
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -17,7 +21,7 @@ from dlseg.augment import AugmentConfig, BatchAugment, build_cpu_transform, seed
 from dlseg.data import DataConfig, SliceDataset, sample_seed
 from dlseg.store import Store
 
-from .common import BenchConfig, Cohort, Comparison, StageResult, measure
+from .common import BenchConfig, Cohort, Comparison, Contender, StageResult, interleaved
 
 N_BATCHES = 64          # distinct batches cycled through (inputs stay the same between the two paths)
 
@@ -66,9 +70,15 @@ class Batched:
         return self.augment(batch[0], batch[1], generator=self.generator)
 
 
-def cycle(batches: list, times: int) -> list:
-    """The batch list repeated ``times`` times (enough items for the time budget)."""
-    return batches * times
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the duration (as in a loader worker or on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
@@ -84,18 +94,17 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     size = lambda b: len(b[0])  # noqa: E731
     for b in on_device[:2]:     # warm-up (kernel selection, allocator)
         batched(b)
-    res.add("albumentations_per_sample", measure(per_sample, cycle(batches, 50), budget, count=size))
-    res.add("batch_augment", measure(batched, cycle(on_device, 200), budget, device=device, count=size))
     threads = torch.get_num_threads()
+    contenders = {"albumentations_per_sample": Contender(per_sample, itertools.cycle(batches), size),
+                  "batch_augment": Contender(batched, itertools.cycle(on_device), size)}
+    if device == "cpu" and threads > 1:
+        contenders["batch_augment_1_thread"] = Contender(batched, itertools.cycle(on_device), size, one_thread)
+    for key, timing in interleaved(contenders, budget, rounds=2 if cfg.quick else 6, device=device).items():
+        res.add(key, timing)
     res.compare(Comparison(f"BatchAugment on {device} vs albumentations per sample", "batch_augment",
                            "albumentations_per_sample", "times faster than the per-sample CPU transform",
                            goal_min=3.0))
-    if device == "cpu" and threads > 1:
-        torch.set_num_threads(1)
-        try:
-            res.add("batch_augment_1_thread", measure(batched, cycle(on_device, 200), budget, count=size))
-        finally:
-            torch.set_num_threads(threads)
+    if "batch_augment_1_thread" in res.rates:
         res.compare(Comparison("BatchAugment on cpu, 1 torch thread, vs albumentations per sample",
                                "batch_augment_1_thread", "albumentations_per_sample",
                                "the same with one intra-op thread (as in a loader worker or a busy machine)"))
@@ -103,5 +112,6 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
                         "transforms": "hflip, vflip, transpose, zoom ±10 %, rot90, brightness/contrast (article's p)",
                         "torch_threads": threads})
     res.notes.append("both paths from the same prepared slices in memory to an augmented batch of tensors; "
-                     "per sample includes per-sample seeding and collation, as in the DataLoader")
+                     "per sample includes per-sample seeding and collation, as in the DataLoader; the paths take "
+                     "turns (6 rounds, order reversed each round) so that a drifting load weighs on all of them")
     return res

@@ -12,7 +12,7 @@ import shutil
 import sys
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
@@ -165,6 +165,34 @@ def measure(fn: Callable[[Any], Any], items: Iterable[Any], budget_s: float, dev
             break
     sync(device)
     return Timing(n, time.perf_counter() - start)
+
+
+@dataclass
+class Contender:
+    """One side of an interleaved measurement: ``fn`` over an endless ``items`` iterator, in ``context``."""
+
+    fn: Callable[[Any], Any]
+    items: Iterator[Any]
+    count: Callable[[Any], int] = lambda item: 1
+    context: Callable[[], Any] | None = None      # e.g. a thread-count setting held for this side's turn
+
+
+def interleaved(contenders: dict[str, Contender], budget_s: float, rounds: int = 6,
+                device: str = "cpu") -> dict[str, Timing]:
+    """Time each contender for ``budget_s`` in all, in ``rounds`` alternating turns (order reversed every round).
+
+    On a machine whose load drifts (shared cores, a neighbour's job), timing A then B charges the drift to one
+    side; taking turns spreads it over both, so the ratio is steadier than either rate.
+    """
+    totals = {name: Timing(0, 0.0) for name in contenders}
+    names = list(contenders)
+    for r in range(max(1, rounds)):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            c = contenders[name]
+            with c.context() if c.context is not None else nullcontext():
+                t = measure(c.fn, c.items, budget_s / max(1, rounds), device=device, count=c.count)
+            totals[name] = Timing(totals[name].items + t.items, totals[name].seconds + t.seconds)
+    return totals
 
 
 def timed(fn: Callable[[], int]) -> Timing:
