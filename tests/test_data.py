@@ -478,3 +478,25 @@ def test_workers_seed_global_rngs_from_the_loader_seed(tiny_store):
     a = draws(3)
     assert a == draws(3)
     assert a[0] != a[1] and a != draws(4)
+
+
+def test_store_chunks_blocks_of_whole_slices_in_one_file(tmp_path):
+    import zarr
+
+    from dlseg.store import chunk_slices
+    assert chunk_slices((100, 512, 512), 2) == 8             # 4 MB of 512x512 int16
+    assert chunk_slices((30, 256, 256), 2) == 30             # a whole MR case fits one block
+    assert chunk_slices((5, 4096, 4096), 4) == 1             # never less than a slice
+    case = _case("CT-9", "CT", (20, 512, 512), np.random.default_rng(1))
+    StoreWriter(tmp_path / "s.zarr").write_case(case)
+    folder = tmp_path / "s.zarr" / "CT-9"
+    image = zarr.open_array(folder / "image", mode="r")
+    mask = zarr.open_array(folder / "mask", mode="r")
+    assert image.chunks == (8, 512, 512) and image.shards == (24, 512, 512)   # 3 blocks of 8 slices, one shard
+    assert mask.chunks == (16, 512, 512) and mask.shards == (32, 512, 512)    # uint8: 16 slices per 4 MB
+    for arr in ("image", "mask"):
+        assert len([p for p in (folder / arr).rglob("*") if p.is_file() and p.name != "zarr.json"]) == 1
+    np.testing.assert_array_equal(image[...], case.image)
+    np.testing.assert_array_equal(image[7:9], case.image[7:9])                # a slab across two blocks
+    np.testing.assert_array_equal(mask[...], case.mask)
+

@@ -342,9 +342,11 @@ class Cohort:
 
 
 def cohort_name(cfg: BenchConfig) -> str:
-    """Folder name of the synthetic cohort for these settings."""
+    """Folder name of the synthetic cohort for these settings (and the store's chunk size: a cohort written with
+    another layout is not reused, or the loader would be timed on it)."""
+    from dlseg.store import CHUNK_BYTES
     return (f"mr-p{cfg.patients}-s{cfg.seed}-px{cfg.synth_size[0]}-{cfg.synth_size[1]}"
-            f"-z{cfg.synth_slices[0]}-{cfg.synth_slices[1]}")
+            f"-z{cfg.synth_slices[0]}-{cfg.synth_slices[1]}-c{CHUNK_BYTES >> 10}k")
 
 
 def ensure_cohort(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> Cohort:
