@@ -19,12 +19,60 @@ MR_BODY_FRACTION = 0.10      # MR voxels above this fraction of the 99th percent
 STATS_MAX_VOXELS = 2_000_000  # statistics use at most this many voxels (a fixed, deterministic stride)
 
 
+HISTOGRAM_MAX_LEVELS = 1 << 20  # integer volumes spanning at most this many values take the histogram path
+
+
+def body_threshold(sample: np.ndarray, modality: str) -> float:
+    """Voxels above this are "body" (air excluded), for statistics only: fixed HU for CT, a fraction of p99 for MR."""
+    if modality.upper() == "CT":
+        return CT_BODY_HU
+    return MR_BODY_FRACTION * float(np.percentile(sample, 99.0)) if sample.size else 0.0
+
+
 def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
     """Boolean mask of voxels inside the body (excludes air), used for statistics only."""
+    return image > body_threshold(image, modality)
+
+
+def hist_percentiles(levels: np.ndarray, counts: np.ndarray, q: list[float]) -> np.ndarray:
+    """``np.percentile(values, q)`` (linear method) of the values ``levels`` (ascending) occurring ``counts`` times.
+
+    The order statistics come from the cumulative counts instead of a partition of every voxel: O(levels).
+    """
+    n = int(counts.sum())
+    cum = np.cumsum(counts)
+    pos = np.asarray(q, dtype=np.float64) / 100.0 * (n - 1)
+    lo = np.floor(pos).astype(np.int64)
+    a = levels[np.searchsorted(cum, lo, side="right")].astype(np.float64)
+    b = levels[np.searchsorted(cum, np.minimum(lo + 1, n - 1), side="right")].astype(np.float64)
+    t = pos - lo
+    return np.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)   # numpy's lerp, both halves
+
+
+def _stats_from_histogram(sample: np.ndarray, modality: str) -> tuple[np.ndarray, float, float, float] | None:
+    """(percentiles, clipped mean, clipped std, body fraction) of an integer sample via its histogram; None when
+    its values span too many levels for one."""
+    lo, hi = int(sample.min()), int(sample.max())
+    if hi - lo >= HISTOGRAM_MAX_LEVELS:
+        return None
+    counts = np.bincount((sample - lo).astype(np.intp, copy=False) if lo else sample.astype(np.intp, copy=False),
+                         minlength=hi - lo + 1)
+    levels = np.arange(lo, hi + 1, dtype=np.int64)
+    present = counts > 0
+    levels, counts = levels[present], counts[present]
     if modality.upper() == "CT":
-        return image > CT_BODY_HU
-    hi = float(np.percentile(image, 99.0)) if image.size else 0.0
-    return image > MR_BODY_FRACTION * hi
+        thr = CT_BODY_HU
+    else:
+        thr = MR_BODY_FRACTION * float(hist_percentiles(levels, counts, [99.0])[0])
+    body = levels > thr
+    if int(counts[body].sum()) >= 16:
+        levels, counts = levels[body], counts[body]
+    n = int(counts.sum())
+    p = hist_percentiles(levels, counts, [0.5, 1, 50, 99, 99.5])
+    v = np.clip(levels.astype(np.float64), p[0], p[4])
+    mean = float((v * counts).sum() / n)
+    std = float(np.sqrt(((v - mean) ** 2 * counts).sum() / n))
+    return p, mean, std, n / sample.size
 
 
 def intensity_stats(image: np.ndarray, modality: str) -> dict[str, float]:
@@ -32,22 +80,30 @@ def intensity_stats(image: np.ndarray, modality: str) -> dict[str, float]:
 
     Large volumes are subsampled with a fixed voxel stride (deterministic: the same volume always gives the same
     numbers), which keeps memory near one float32 copy of the sample rather than several of the whole case.
+    Integer volumes (DICOM's usual int16) take their histogram rather than partitioning every voxel: the same
+    numbers (to float rounding) in a fraction of the time.
     """
     img = np.asarray(image)
     if img.size == 0:
         raise ValueError("intensity_stats: empty image")
     flat = img.reshape(-1)
     stride = max(1, int(np.ceil(flat.size / STATS_MAX_VOXELS)))
-    sample = flat[::stride].astype(np.float32)
-    body = sample[body_mask(sample, modality)]
-    if body.size < 16:
-        body = sample
-    p = np.percentile(body, [0.5, 1, 50, 99, 99.5])
-    clipped = np.clip(body, p[0], p[4])
+    raw = flat[::stride]
+    fast = _stats_from_histogram(raw, modality) if np.issubdtype(raw.dtype, np.integer) else None
+    if fast is not None:
+        p, mean, std, fraction = fast
+    else:
+        sample = raw.astype(np.float32)
+        body = sample[sample > body_threshold(sample, modality)]
+        if body.size < 16:
+            body = sample
+        p = np.percentile(body, [0.5, 1, 50, 99, 99.5])
+        clipped = np.clip(body, p[0], p[4])
+        mean, std = float(clipped.mean(dtype=np.float64)), float(clipped.std(dtype=np.float64))
+        fraction = body.size / sample.size
     return {
         "p0_5": float(p[0]), "p1": float(p[1]), "p50": float(p[2]), "p99": float(p[3]), "p99_5": float(p[4]),
-        "mean": float(clipped.mean(dtype=np.float64)), "std": float(clipped.std(dtype=np.float64)),
-        "min": float(img.min()), "max": float(img.max()), "body_fraction": float(body.size / sample.size),
+        "mean": mean, "std": std, "min": float(img.min()), "max": float(img.max()), "body_fraction": float(fraction),
     }
 
 

@@ -500,3 +500,32 @@ def test_store_chunks_blocks_of_whole_slices_in_one_file(tmp_path):
     np.testing.assert_array_equal(image[7:9], case.image[7:9])                # a slab across two blocks
     np.testing.assert_array_equal(mask[...], case.mask)
 
+
+def _stats_reference(image: np.ndarray, modality: str) -> list[float]:
+    """intensity_stats spelled out with np.percentile on every (strided) voxel: the definition."""
+    from dlseg.normalize import STATS_MAX_VOXELS
+    flat = image.reshape(-1)
+    sample = flat[::max(1, int(np.ceil(flat.size / STATS_MAX_VOXELS)))].astype(np.float64)
+    thr = -500.0 if modality == "CT" else 0.1 * np.percentile(sample, 99.0)
+    body = sample[sample > thr]
+    body = body if body.size >= 16 else sample
+    p = np.percentile(body, [0.5, 1, 50, 99, 99.5])
+    clipped = np.clip(body, p[0], p[4])
+    return [*p, clipped.mean(), clipped.std(), body.size / sample.size, image.min(), image.max()]
+
+
+@pytest.mark.parametrize("dtype, modality, shape, values", [
+    (np.int16, "CT", (6, 40, 30), (-1024, 1500)),          # histogram path
+    (np.int16, "MR", (5, 33, 31), (0, 900)),
+    (np.uint16, "MR", (700, 64, 64), (0, 4000)),            # strided sample (> STATS_MAX_VOXELS voxels)
+    (np.int16, "CT", (2, 3, 3), (-1024, -900)),             # no body voxel: the whole sample
+    (np.int32, "CT", (4, 20, 20), (-3_000_000, 3_000_000)),  # too many levels for a histogram: numpy path
+    (np.float32, "MR", (5, 33, 31), (0, 900)),              # numpy path
+])
+def test_intensity_stats_match_numpy_percentiles(dtype, modality, shape, values):
+    rng = np.random.default_rng(3)
+    image = rng.integers(*values, size=shape).astype(dtype)
+    image[:, :4] = values[0]                                 # some air
+    s = intensity_stats(image, modality)
+    got = [s[k] for k in ("p0_5", "p1", "p50", "p99", "p99_5", "mean", "std", "body_fraction", "min", "max")]
+    np.testing.assert_allclose(got, _stats_reference(image, modality), rtol=1e-12, atol=1e-9)
