@@ -529,3 +529,22 @@ def test_intensity_stats_match_numpy_percentiles(dtype, modality, shape, values)
     s = intensity_stats(image, modality)
     got = [s[k] for k in ("p0_5", "p1", "p50", "p99", "p99_5", "mean", "std", "body_fraction", "min", "max")]
     np.testing.assert_allclose(got, _stats_reference(image, modality), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+@pytest.mark.parametrize("modality", ["MR", "CT"])
+def test_normalize_is_the_documented_formula_and_leaves_its_input(dtype, modality):
+    from dlseg.normalize import NormConfig, normalize
+    rng = np.random.default_rng(5)
+    image = (rng.integers(-1000, 2000, size=(3, 16, 16))).astype(dtype)
+    before = image.copy()
+    stats = {"p0_5": -900.5, "p99_5": 1700.25, "mean": 321.125, "std": 400.5}
+    got = normalize(image, stats, modality)
+    x = image.astype(np.float32)
+    if modality == "CT":
+        lo, hi = NormConfig().ct_window
+        want = (np.clip(x, lo, hi) - np.float32((lo + hi) / 2)) / np.float32((hi - lo) / 2)
+    else:
+        want = (np.clip(x, np.float32(-900.5), np.float32(1700.25)) - np.float32(321.125)) / np.float32(400.5)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    assert np.array_equal(image, before)
