@@ -26,7 +26,6 @@ import math
 import os
 import sys
 import uuid
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +39,7 @@ from rich.table import Table
 from dlseg.console import console, err_console, make_progress
 from dlseg.metrics import case_metrics
 from dlseg.store import Store, StoreError
+from dlseg.workers import spawn_pool
 from preprocess.errors import CaseError, Failure, UsageError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -257,11 +257,11 @@ def shape_text(shape: Sequence[int]) -> str:
 
 
 def run_jobs(jobs: list[CaseJob], workers: int) -> Iterator[dict[str, Any] | Failure]:
-    """Score jobs in order, in this process or a process pool."""
+    """Score jobs in order, in this process or a pool of spawned workers (``dlseg.workers``)."""
     if workers <= 1 or len(jobs) <= 1:
         yield from map(score_case, jobs)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with spawn_pool(workers) as pool:
         yield from pool.map(score_case, jobs)
 
 

@@ -6,11 +6,10 @@ Exit status: 0 every case converted (or unchanged), 1 some cases failed (the res
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import sys
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +21,7 @@ from rich.table import Table
 
 from dlseg.console import console, err_console, make_progress
 from dlseg.store import StoreError, StoreWriter
+from dlseg.workers import spawn_pool
 
 from .convert import CaseResult, process_case
 from .errors import Failure, UsageError
@@ -119,18 +119,6 @@ def check_config(cfg: PreprocessConfig) -> None:
         raise UsageError(f"{out}: folder is not empty and is not a Zarr store; choose another output")
 
 
-def one_core_worker() -> None:
-    """Pool initializer: a worker uses one core (zarr's codec threads and OpenCV's pool are one thread each).
-
-    ``--workers N`` then means N cores, without N workers each starting a thread per core and fighting.
-    """
-    import cv2
-    import zarr
-
-    cv2.setNumThreads(1)
-    zarr.config.set({"threading.max_workers": 1})
-
-
 WORKER_DIED = "worker process died converting this case (a crash in a decoder, or out of memory); the other cases went on"
 
 
@@ -141,8 +129,7 @@ def convert_in_pool(workers: int, todo: deque[CaseSource], job: Callable[[CaseSo
     At most two cases per worker are handed over at a time, so that when a worker dies (the pool is then
     broken) only those few are in doubt: they are returned, and the cases still in ``todo`` were not started.
     """
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=one_core_worker)
+    pool = spawn_pool(workers)
     running: dict[Future, CaseSource] = {}
     try:
         while todo or running:
@@ -166,7 +153,8 @@ def convert_in_pool(workers: int, todo: deque[CaseSource], job: Callable[[CaseSo
 
 def run_cases(cfg: PreprocessConfig, sources: list[CaseSource], qa_dir: str | None,
               convert: Callable[..., CaseResult] = process_case) -> Iterator[CaseResult]:
-    """Convert cases in spawned worker processes, one core each; yield results as they finish.
+    """Convert cases in spawned worker processes (``dlseg.workers``: one core each, gone with this process);
+    yield results as they finish.
 
     The main process only hands out cases and collects results, so a crash in a native decoder or the kernel's
     OOM killer takes down a worker, never the run: the cases that worker may have held are retried one at a

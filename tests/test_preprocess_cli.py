@@ -195,6 +195,27 @@ def test_resume_skips_unchanged_and_replaces_partial(cohort, tmp_path):
     assert "MR-21-T1in" not in Store(out).cases
 
 
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_resume_after_kill_9(cohort, tmp_path):
     src = tmp_path / "src"
     for p in range(1, 7):
@@ -205,8 +226,13 @@ def test_resume_after_kill_9(cohort, tmp_path):
     deadline = time.monotonic() + 60
     while not (out / "CT-2").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)                                     # kill while the third case is being written
+    workers = children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     killed = proc.wait() == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert workers and not any(alive(w) for w in workers)      # no orphan goes on converting or writing
     if killed:
         with pytest.raises(StoreError, match="never finalized"):
             Store(out)
