@@ -372,3 +372,39 @@ def test_workers_are_spawned_with_one_core_each(tmp_path):
     results = list(run_cases(cfg, sources, None, convert=report_threads))
     assert [r.notes[0] for r in results] == ["1,1"] * 3                      # OpenCV 1 thread, zarr codec pool 1
     assert {int(r.notes[1]) for r in results} != {os.getpid()}               # converted in a worker, not here
+
+
+PINNED: list[bytearray] = []
+
+
+def resident_mb() -> int:
+    """This process's resident memory in MB."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+
+
+def fragment_heap(mb: int) -> int:
+    """Allocate ``mb`` MB in heap-sized blocks, each followed by a small block that stays; free the big ones.
+
+    The survivors split the free space into holes, as a long-running worker's heap gets: free() alone cannot
+    shrink the heap past them. Returns the resident MB then.
+    """
+    blocks = []
+    for _ in range(mb * 16):
+        blocks.append(bytearray(64 * 1024))
+        PINNED.append(bytearray(1024))
+    del blocks
+    return resident_mb()
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_trimmed_jobs_hand_freed_heap_back(trim):
+    from functools import partial
+
+    from dlseg.workers import spawn_pool, trimmed
+    wrap = (lambda fn: partial(trimmed, fn)) if trim else (lambda fn: fn)
+    with spawn_pool(1) as pool:
+        base = pool.submit(wrap(resident_mb)).result()
+        during = pool.submit(wrap(fragment_heap), 300).result()
+        after = pool.submit(wrap(resident_mb)).result()
+    assert during - base > 250                                  # the freed blocks were still resident
+    assert (after - base < 50) if trim else (after - base > 250)  # trimmed: handed back; untrimmed: kept
