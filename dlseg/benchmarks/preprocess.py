@@ -114,6 +114,7 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
             "wN_small": (convert_all, small, str(scratch / f"w{n}-small.zarr"), n)}
     got: dict[str, dict] = {}
     mem: dict[str, dict] = {}
+    per_round: dict[str, list[float]] = {}
     rounds = 1 if cfg.quick else ROUNDS
     for r in range(rounds):   # take turns, order reversed each round: drift weighs on all
         for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
@@ -121,6 +122,7 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
             out, peak = isolated(fn, *args, **opts)
             for k, v in out.items():
                 got.setdefault(key, {})[k] = got.get(key, {}).get(k, 0) + v if k in ("slices", "seconds") else v
+            per_round.setdefault(key, []).append(round(out["seconds"], 3))
             mem[key] = {k: max(v, mem.get(key, {}).get(k, 0.0)) for k, v in peak.items()}
     _, mem_idle = isolated(idle_worker, **opts)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -168,7 +170,7 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
             1.10, f"largest worker's peak converting {large_n} cases ÷ converting {small_n}; ≤ 1.10 = does not grow "
                   "with the cohort"))
     res.details.update({"cases": decoded["cases"], "slices": decoded["slices"] // rounds, "rounds": rounds,
-                        "workers": n, "cores": cores,
+                        "workers": n, "cores": cores, "seconds_per_round": per_round,
                         **{f"{key}_fixed_s": round(v, 3) for key, v in fixed.items()}})
     if n > cores:
         res.notes.append(f"{n} workers on {cores} cores: the efficiency is capped at {cores / n:.2f}")
