@@ -132,7 +132,7 @@ class StoreWriter:
         if attrs.get("format", FORMAT_NAME) != FORMAT_NAME:
             raise StoreError(f"{self.path}: not a dlseg store (format={attrs.get('format')!r})")
         if "format_version" not in attrs:
-            self.root.attrs.update({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "cases": {}})
+            self.root.update_attributes({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "cases": {}})
 
     def clean_partial(self) -> None:
         """Remove cases left half-written by a killed run (call once, before any worker writes)."""
@@ -195,7 +195,7 @@ class StoreWriter:
             [bool(x) for x in mask.reshape(mask.shape[0], -1).any(axis=1)] if mask is not None else None
         )
         attrs["complete"] = True  # written last: zarr.json is rewritten with it after the arrays exist
-        group.attrs.update(_json_safe(attrs))
+        group.update_attributes(_json_safe(attrs))  # one write of zarr.json (attrs.update writes once per key)
 
         final = self.path / case_id
         if final.exists():
@@ -239,7 +239,7 @@ class StoreWriter:
             "split": split, "label_map": {str(k): v for k, v in label_map.items()},
             "fingerprint": h.hexdigest(),
         }
-        self.root.attrs.update(_json_safe(root))
+        self.root.update_attributes(_json_safe(root))  # one write: readers never see a half-updated root
         return root
 
 
