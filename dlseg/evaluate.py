@@ -27,7 +27,7 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -39,7 +39,7 @@ from rich.table import Table
 from dlseg.console import console, err_console, make_progress
 from dlseg.metrics import case_metrics
 from dlseg.store import Store, StoreError
-from dlseg.workers import spawn_pool, trimmed
+from dlseg.workers import spawn_pool
 from preprocess.errors import CaseError, Failure, UsageError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -262,7 +262,7 @@ def run_jobs(jobs: list[CaseJob], workers: int) -> Iterator[dict[str, Any] | Fai
         yield from map(score_case, jobs)
         return
     with spawn_pool(workers) as pool:
-        yield from pool.map(partial(trimmed, score_case), jobs)
+        yield from pool.map(score_case, jobs)
 
 
 def evaluate_folder(

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from dlseg.console import console, err_console, make_progress
 from dlseg.store import StoreError, StoreWriter
-from dlseg.workers import spawn_pool, trimmed
+from dlseg.workers import spawn_pool
 
 from .convert import CaseResult, process_case
 from .errors import Failure, UsageError
@@ -160,7 +160,7 @@ def run_cases(cfg: PreprocessConfig, sources: list[CaseSource], qa_dir: str | No
     OOM killer takes down a worker, never the run: the cases that worker may have held are retried one at a
     time, each alone in a fresh process; the one that dies again fails alone and the cohort goes on.
     """
-    job = partial(trimmed, convert, cfg.out, labels=cfg.labels, qa_dir=qa_dir)
+    job = partial(convert, cfg.out, labels=cfg.labels, qa_dir=qa_dir)
     todo = deque(sources)
     while todo:
         suspects = yield from convert_in_pool(max(1, min(cfg.workers, len(todo))), todo, job)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -374,37 +376,30 @@ def test_workers_are_spawned_with_one_core_each(tmp_path):
     assert {int(r.notes[1]) for r in results} != {os.getpid()}               # converted in a worker, not here
 
 
-PINNED: list[bytearray] = []
+
+def count_malloc_arenas(threads: int) -> int:
+    """Start ``threads`` threads that each allocate and keep a few blocks; the number of glibc arenas then."""
+    import ctypes
+    import tempfile
+    import threading
+    kept = []
+    go = [threading.Thread(target=lambda: kept.append([bytearray(4096) for _ in range(64)])) for _ in range(threads)]
+    for t in go:
+        t.start()
+    for t in go:
+        t.join()
+    libc = ctypes.CDLL(None)
+    libc.fopen.restype = ctypes.c_void_p
+    with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+        fp = libc.fopen(f.name.encode(), b"w")
+        libc.malloc_info(0, ctypes.c_void_p(fp))
+        libc.fclose(ctypes.c_void_p(fp))
+        return Path(f.name).read_text().count("<heap nr=")
 
 
-def resident_mb() -> int:
-    """This process's resident memory in MB."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
-
-
-def fragment_heap(mb: int) -> int:
-    """Allocate ``mb`` MB in heap-sized blocks, each followed by a small block that stays; free the big ones.
-
-    The survivors split the free space into holes, as a long-running worker's heap gets: free() alone cannot
-    shrink the heap past them. Returns the resident MB then.
-    """
-    blocks = []
-    for _ in range(mb * 16):
-        blocks.append(bytearray(64 * 1024))
-        PINNED.append(bytearray(1024))
-    del blocks
-    return resident_mb()
-
-
-@pytest.mark.parametrize("trim", [True, False])
-def test_trimmed_jobs_hand_freed_heap_back(trim):
-    from functools import partial
-
-    from dlseg.workers import spawn_pool, trimmed
-    wrap = (lambda fn: partial(trimmed, fn)) if trim else (lambda fn: fn)
+def test_workers_allocate_from_one_malloc_arena():
+    from dlseg.workers import spawn_pool
     with spawn_pool(1) as pool:
-        base = pool.submit(wrap(resident_mb)).result()
-        during = pool.submit(wrap(fragment_heap), 300).result()
-        after = pool.submit(wrap(resident_mb)).result()
-    assert during - base > 250                                  # the freed blocks were still resident
-    assert (after - base < 50) if trim else (after - base > 250)  # trimmed: handed back; untrimmed: kept
+        assert pool.submit(count_malloc_arenas, 4).result() == 1
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as plain:
+        assert plain.submit(count_malloc_arenas, 4).result() > 1   # what a worker would otherwise have
