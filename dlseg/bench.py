@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-width", type=int, default=d.base_width, help="U-Net width of the first level")
     p.add_argument("--depth", type=int, default=d.depth)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training/augmentation batch")
-    p.add_argument("--predict-batch-size", type=int, default=d.predict_batch_size)
+    p.add_argument("--predict-batch-size", type=int, default=d.predict_batch_size,
+                   help="slices per forward pass in prediction (default 0: the predictor's default for the device)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
     p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=d.mixed_precision)
     p.add_argument("--channels-last", action="store_true")
@@ -85,6 +86,9 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], BenchConfig, str | No
     )
     if a.quick and tuple(a.memory_cases) == BenchConfig().memory_cases:
         cfg.memory_cases = (2, 8)
+    if cfg.predict_batch_size == 0:   # what dlseg/predict.py uses on this device
+        from dlseg.predictor import PredictConfig
+        cfg.predict_batch_size = PredictConfig().batch_for(cfg.device)
     return (list(STAGES) if a.stage == "all" else [a.stage]), cfg, a.json
 
 

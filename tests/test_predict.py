@@ -536,3 +536,10 @@ def test_two_processes_split_a_shard_and_write_each_case_once(synthetic_root, ct
     assert {r["rank"] for r in records} == {0, 1} and all(r["world_size"] == 2 for r in records)
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert folders == sorted(cases[1::2])                   # every case exactly once, nothing temporary
+
+
+def test_batch_size_defaults_by_device():
+    from dlseg.predictor import ACCELERATOR_BATCH, CPU_BATCH, PredictConfig
+    assert (CPU_BATCH, ACCELERATOR_BATCH) == (8, 64)
+    assert PredictConfig().batch_for("cpu") == 8 and PredictConfig().batch_for("cuda:1") == 64
+    assert PredictConfig(batch_size=5).batch_for("cpu") == 5 and PredictConfig(batch_size=5).batch_for("cuda") == 5

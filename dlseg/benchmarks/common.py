@@ -29,7 +29,7 @@ class BenchConfig:
     base_width: int = 16                   # U-Net width of the first level
     depth: int = 4
     batch_size: int = 16                   # training / augmentation batch
-    predict_batch_size: int = 64
+    predict_batch_size: int = 0            # 0 = dlseg/predict.py's default for the device
     device: Literal["cpu", "cuda"] = "cpu"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = False
