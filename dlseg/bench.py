@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-epochs", type=int, default=d.train_epochs,
                    help="trainer epochs, alternating with as many passes of the bare loop")
     p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="of which untimed on both sides")
-    p.add_argument("--predict-workers", type=int, default=d.predict_workers)
+    p.add_argument("--predict-workers", type=int, default=d.predict_workers,
+                   help="case-loading processes in prediction (default: the predictor's default for the device)")
     p.add_argument("--preprocess-workers", type=int, default=d.preprocess_workers, help="0 = one per core (≤ 8)")
     p.add_argument("--augment-on", choices=("cpu", "device"), default=d.augment_on, help="trainer augmentation side")
     p.add_argument("--threads", type=int, default=d.threads, help="torch/OpenCV threads per process (0 = default)")
@@ -86,9 +87,10 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], BenchConfig, str | No
     )
     if a.quick and tuple(a.memory_cases) == BenchConfig().memory_cases:
         cfg.memory_cases = (2, 8)
-    if cfg.predict_batch_size == 0:   # what dlseg/predict.py uses on this device
+    if cfg.predict_batch_size == 0 or cfg.predict_workers is None:   # what dlseg/predict.py uses on this device
         from dlseg.predictor import PredictConfig
-        cfg.predict_batch_size = PredictConfig().batch_for(cfg.device)
+        pc = PredictConfig(batch_size=cfg.predict_batch_size, workers=cfg.predict_workers).for_device(cfg.device)
+        cfg.predict_batch_size, cfg.predict_workers = pc.batch_size, pc.workers
     return (list(STAGES) if a.stage == "all" else [a.stage]), cfg, a.json
 
 

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-kind", default=d.input_kind, choices=INPUT_KINDS, help="what --input is")
     p.add_argument("--split", default=None, help="store input: train | val | unlabeled | all")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="slices per forward pass, packed across cases (default 0: 64 on a GPU, 8 on a CPU)")
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader processes preparing cases")
+    p.add_argument("--workers", type=int, default=d.workers, help="processes reading and preparing cases ahead (default: 2 with a GPU, 0 on a CPU, "
+                   "where the forward pass already uses every core)")
     p.add_argument("--prefetch", type=int, default=d.prefetch, help="cases each worker prepares ahead")
     p.add_argument("--write-threads", type=int, default=d.write_threads, help="background writer threads")
     p.add_argument("--max-pending-writes", type=int, default=d.max_pending_writes,

@@ -538,8 +538,10 @@ def test_two_processes_split_a_shard_and_write_each_case_once(synthetic_root, ct
     assert folders == sorted(cases[1::2])                   # every case exactly once, nothing temporary
 
 
-def test_batch_size_defaults_by_device():
-    from dlseg.predictor import ACCELERATOR_BATCH, CPU_BATCH, PredictConfig
-    assert (CPU_BATCH, ACCELERATOR_BATCH) == (8, 64)
-    assert PredictConfig().batch_for("cpu") == 8 and PredictConfig().batch_for("cuda:1") == 64
-    assert PredictConfig(batch_size=5).batch_for("cpu") == 5 and PredictConfig(batch_size=5).batch_for("cuda") == 5
+def test_batch_and_workers_default_by_device():
+    from dlseg.predictor import PredictConfig
+    cpu, gpu = PredictConfig().for_device("cpu"), PredictConfig().for_device("cuda:1")
+    assert (cpu.batch_size, cpu.workers) == (8, 0) and (gpu.batch_size, gpu.workers) == (64, 2)
+    given = PredictConfig(batch_size=5, workers=3)
+    assert given.for_device("cpu") == given == given.for_device("cuda")
+    assert PredictConfig(workers=0).for_device("cuda").workers == 0

@@ -34,7 +34,7 @@ class BenchConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     channels_last: bool = False
     workers: int = 0                       # trainer DataLoader workers (0: load in the training process)
-    predict_workers: int = 2               # prediction case-loading workers
+    predict_workers: int | None = None     # prediction case-loading workers (None = dlseg/predict.py's default)
     preprocess_workers: int = 0            # 0 = one per CPU core (at most 8)
     augment_on: Literal["cpu", "device"] = "cpu"   # trainer augmentation path in the train stage
     quick: bool = False

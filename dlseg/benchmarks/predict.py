@@ -101,7 +101,8 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
 
     if cohort.chaos is None:
         raise BenchSkip("needs DICOM folders (--source) to predict from")
-    cfg = replace(cfg, predict_batch_size=PredictConfig(batch_size=cfg.predict_batch_size).batch_for(cfg.device))
+    pc = PredictConfig(batch_size=cfg.predict_batch_size, workers=cfg.predict_workers).for_device(cfg.device)
+    cfg = replace(cfg, predict_batch_size=pc.batch_size, predict_workers=pc.workers)
     res = StageResult("predict", "slices/s")
     work = cohort.root / "scratch-predict"
     shutil.rmtree(work, ignore_errors=True)
