@@ -159,10 +159,11 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
             f"prediction peak memory, {large_n} vs {small_n} cases (main process)", mem_large["peak_rss_mb"],
             mem_small["peak_rss_mb"], 1.10,
             "peak RSS at the large cohort ÷ at the small one; ≤ 1.10 = does not grow"))
-        res.memory_checks.append(memory_check(
-            f"prediction peak memory, {large_n} vs {small_n} cases (largest loader worker)",
-            mem_large["children_peak_rss_mb"], mem_small["children_peak_rss_mb"], 1.10,
-            "the same for the case-loading worker processes"))
+        if cfg.predict_workers > 0:   # no loader processes: cases are loaded in the main process
+            res.memory_checks.append(memory_check(
+                f"prediction peak memory, {large_n} vs {small_n} cases (largest loader worker)",
+                mem_large["children_peak_rss_mb"], mem_small["children_peak_rss_mb"], 1.10,
+                "the same for the case-loading worker processes"))
     res.details.update({
         "cases": e2e_small["cases"], "slices": e2e_small["slices"], "large_cases": e2e_large["cases"],
         "large_slices": e2e_large["slices"], "ceiling_slices": n, "slicewise_cases": len(sources),
