@@ -55,8 +55,8 @@ def _stats_from_histogram(sample: np.ndarray, modality: str) -> tuple[np.ndarray
     lo, hi = int(sample.min()), int(sample.max())
     if hi - lo >= HISTOGRAM_MAX_LEVELS:
         return None
-    counts = np.bincount((sample - lo).astype(np.intp, copy=False) if lo else sample.astype(np.intp, copy=False),
-                         minlength=hi - lo + 1)
+    values = sample.astype(np.intp)   # widen before shifting: int16 - (-32768) overflows int16
+    counts = np.bincount(values - lo if lo else values, minlength=hi - lo + 1)
     levels = np.arange(lo, hi + 1, dtype=np.int64)
     present = counts > 0
     levels, counts = levels[present], counts[present]

@@ -516,6 +516,7 @@ def _stats_reference(image: np.ndarray, modality: str) -> list[float]:
 
 @pytest.mark.parametrize("dtype, modality, shape, values", [
     (np.int16, "CT", (6, 40, 30), (-1024, 1500)),          # histogram path
+    (np.int16, "CT", (4, 20, 20), (-32768, 32767)),         # the whole int16 range (padding at -32768)
     (np.int16, "MR", (5, 33, 31), (0, 900)),
     (np.uint16, "MR", (700, 64, 64), (0, 4000)),            # strided sample (> STATS_MAX_VOXELS voxels)
     (np.int16, "CT", (2, 3, 3), (-1024, -900)),             # no body voxel: the whole sample
