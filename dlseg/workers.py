@@ -49,19 +49,6 @@ def one_core() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
-def init_worker(parent_pid: int) -> None:
-    """Pool initializer: one malloc arena, watch the parent, one core."""
-    one_malloc_arena()
-    die_with_parent(parent_pid)
-    one_core()
-
-
-def spawn_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool of ``workers`` spawned processes set up by :func:`init_worker`."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=init_worker, initargs=(os.getpid(),))
-
-
 @lru_cache(maxsize=1)
 def _glibc() -> Any:
     """The C library when it is glibc (which has ``mallopt`` and ``malloc_info``), else None."""
@@ -86,3 +73,16 @@ def one_malloc_arena() -> bool:
     """
     libc = _glibc()
     return bool(libc is not None and libc.mallopt(M_ARENA_MAX, 1) == 1)
+
+
+def init_worker(parent_pid: int) -> None:
+    """Pool initializer: one malloc arena, watch the parent, one core."""
+    one_malloc_arena()
+    die_with_parent(parent_pid)
+    one_core()
+
+
+def spawn_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` spawned processes set up by :func:`init_worker`."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=init_worker, initargs=(os.getpid(),))
