@@ -184,7 +184,9 @@ class CaseCache:
 class SliceDataset(Dataset):
     """Slices of labeled store cases at training size: 2D (C=1) or 2.5D (C=2k+1 neighbouring slices).
 
-    Items: ``image`` float32 (C,S,S), ``mask`` int64 (S,S), ``case`` (index into ``case_ids``), ``slice``.
+    Items: ``image`` float32 (C,S,S), ``mask`` uint8 (S,S), ``case`` (index into ``case_ids``), ``slice``. Masks
+    travel as uint8 (the losses and metrics take any integer labels): an int64 mask was 2/3 of every batch's bytes
+    through worker shared memory, pinning and the host-to-device copy.
     The index is built from store attributes only; arrays are read lazily through the per-process cache.
     """
 
@@ -234,7 +236,7 @@ class SliceDataset(Dataset):
             image, mask = self._augment(image, mask, int(i))
         return {
             "image": torch.from_numpy(image),
-            "mask": torch.from_numpy(mask.astype(np.int64)),
+            "mask": torch.from_numpy(np.array(mask, dtype=np.uint8)),   # a copy: never a view of the cache
             "case": c,
             "slice": z,
         }

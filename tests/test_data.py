@@ -122,7 +122,7 @@ def test_items_equal_prepared_case(tiny_store):
             z = int(ds.index[i, 1])
             assert item["case"] == c and item["slice"] == z
             assert item["image"].dtype == torch.float32 and item["image"].shape == (1, SIZE, SIZE)
-            assert item["mask"].dtype == torch.int64 and item["mask"].shape == (SIZE, SIZE)
+            assert item["mask"].dtype == torch.uint8 and item["mask"].shape == (SIZE, SIZE)
             np.testing.assert_array_equal(item["image"][0].numpy(), vol[z])
             np.testing.assert_array_equal(item["mask"].numpy(), mask[z])
 
@@ -211,6 +211,18 @@ def test_transform_cannot_corrupt_the_cache(tiny_store):
     vol, mask = _expected(tiny_store, "MR-1-T1in", _cfg())
     np.testing.assert_array_equal(case.image, vol)
     np.testing.assert_array_equal(case.mask, mask)
+
+
+def test_items_are_copies_not_views_of_the_cache(tiny_store):
+    ds = SliceDataset(tiny_store, ["MR-1-T1in"], _cfg())
+    item = ds[2]
+    item["image"][...] = 7.0          # a training step may write into its batch (in-place augmentation)
+    item["mask"][...] = 9
+    vol, mask = _expected(tiny_store, "MR-1-T1in", _cfg())
+    np.testing.assert_array_equal(ds.cache.get("MR-1-T1in").image, vol)
+    np.testing.assert_array_equal(ds.cache.get("MR-1-T1in").mask, mask)
+    again = ds[2]
+    assert again["mask"].dtype == torch.uint8 and np.array_equal(again["mask"].numpy(), mask[2])
 
 
 def test_seeded_transform_follows_seed_epoch_index(tiny_store):

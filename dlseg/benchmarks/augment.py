@@ -55,7 +55,7 @@ class PerSample:
             self.index += 1
             out = self.transform(image=img, mask=m)
             out_i.append(out["image"][None])
-            out_m.append(out["mask"].astype(np.int64))
+            out_m.append(out["mask"].astype(np.uint8, copy=False))
         return torch.from_numpy(np.stack(out_i)), torch.from_numpy(np.stack(out_m))
 
 
@@ -87,7 +87,7 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     aug = AugmentConfig()
     batches = input_batches(cfg, cohort)
     device = cfg.device
-    on_device = [(torch.from_numpy(i[:, None].copy()).to(device), torch.from_numpy(m.astype(np.int64)).to(device))
+    on_device = [(torch.from_numpy(i[:, None].copy()).to(device), torch.from_numpy(m.copy()).to(device))
                  for i, m in batches]
     budget = cfg.scaled(cfg.budget_s)
     per_sample, batched = PerSample(aug, cfg.seed), Batched(aug, cfg.seed, device)

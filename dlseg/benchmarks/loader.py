@@ -2,7 +2,7 @@
 
 Measured in sampler order (``EpochSampler``, epoch 0) over the training split, item by item through
 ``__getitem__`` (``workers=0``: one process, nothing hidden by parallelism), against per-sample baselines that
-produce the same item (image (1,S,S) float32 tensor, mask (S,S) int64 tensor):
+produce the same item (image (1,S,S) float32 tensor, mask (S,S) uint8 tensor):
 
 * ``dicom``: the article's way: ``pydicom.dcmread`` the slice + rescale slope/intercept, ``cv2.imread`` its PNG,
   labels, normalize with the case's stored statistics, pad + resize;
@@ -37,7 +37,7 @@ def prepare_slice(image: np.ndarray, mask: np.ndarray, stats: dict, modality: st
     mapping = ResizeMapping(int(img.shape[0]), int(img.shape[1]), size)
     x = mapping.forward(img, fill=float(img.min()))
     m = mapping.forward(mask, is_mask=True)
-    return {"image": torch.from_numpy(x[None].copy()), "mask": torch.from_numpy(m.astype(np.int64))}
+    return {"image": torch.from_numpy(x[None].copy()), "mask": torch.from_numpy(m.astype(np.uint8))}
 
 
 class DicomPerSample:
@@ -102,7 +102,7 @@ class MemoryFloor:
         c, z = self.rows[i]
         case = self.cases[c]
         return {"image": torch.from_numpy(case.image[z:z + 1].copy()),
-                "mask": torch.from_numpy(case.mask[z].astype(np.int64))}
+                "mask": torch.from_numpy(case.mask[z].copy())}
 
 
 def epoch_order(dataset: SliceDataset, seed: int, block_cases: int | None = None) -> list[int]:
