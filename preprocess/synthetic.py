@@ -32,11 +32,9 @@ and a patient's files do not depend on how many other patients are generated.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import shutil
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import partial
@@ -52,6 +50,7 @@ from pydicom.uid import (
 from scipy import ndimage
 
 from dlseg.config import ConfigError
+from dlseg.workers import spawn_pool
 
 MR_GRAY = {"liver": 63, "right_kidney": 126, "left_kidney": 189, "spleen": 252}
 CT_LIVER_GRAY = 255
@@ -895,8 +894,9 @@ def generate(out_dir, patients: int, modality: str = "mr", seed: int = 0,
         for job in jobs:
             write_patient(job, out)
         return out
-    # spawn: the caller (e.g. the trainer) may hold OpenMP/OpenCV thread pools that fork does not copy safely.
-    with ProcessPoolExecutor(min(int(workers), len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    # spawned, one core each, gone with this process (dlseg.workers): the caller (e.g. the trainer) may hold
+    # OpenMP/OpenCV thread pools that fork does not copy safely
+    with spawn_pool(min(int(workers), len(jobs))) as pool:
         for _ in pool.map(write_patient, jobs, [out] * len(jobs)):
             pass
     return out
