@@ -12,12 +12,17 @@ produce the same item (image (1,S,S) float32 tensor, mask (S,S) uint8 tensor):
 ``SliceDataset`` is measured cold (a fresh dataset: every case read once, with one zarr call per array, and
 prepared on first touch), warm (every case already in the per-process cache: the steady state of later epochs
 with persistent workers) and with a cache bounded to two cases (a cohort larger than the budget).
+
+``dataloader_*``: the trainer's own loader (``build_train_loader``: sampler, batches of ``--batch-size``, no CPU
+augmentation, as with ``augment_on: device``) over warm caches, in the main process and with ``LOADER_WORKERS``
+worker processes: what handing each batch over from a worker (shared memory) costs once every case is cached.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import cv2
 import numpy as np
@@ -25,10 +30,10 @@ import pydicom
 import torch
 from pydicom.pixels import apply_rescale
 
-from dlseg.data import MB, DataConfig, EpochSampler, SliceDataset
+from dlseg.data import MB, DataConfig, EpochSampler, SliceDataset, build_train_loader
 from dlseg.normalize import NormConfig, ResizeMapping, normalize
 
-from .common import BenchConfig, BenchSkip, Cohort, Comparison, StageResult, measure
+from .common import BenchConfig, BenchSkip, Cohort, Comparison, StageResult, Timing, measure
 
 def prepare_slice(image: np.ndarray, mask: np.ndarray, stats: dict, modality: str, size: int,
                   norm: NormConfig) -> dict:
@@ -105,6 +110,27 @@ class MemoryFloor:
                 "mask": torch.from_numpy(case.mask[z].copy())}
 
 
+LOADER_WORKERS = 2   # worker processes in the DataLoader comparison
+
+
+def dataloader_rate(store: str, size: int, batch_size: int, workers: int, seed: int, budget_s: float) -> Timing:
+    """Samples/s of ``build_train_loader`` over warm caches: one epoch to fill them, then whole epochs for the budget."""
+    cfg = DataConfig(size=size, batch_size=batch_size, workers=workers, cache_mb=1 << 16)
+    loader = build_train_loader(store, cfg, seed)
+    for _ in loader:                       # epoch 0: every worker's cache fills (persistent workers keep it)
+        pass
+    n, start = 0, time.perf_counter()
+    epoch = 1
+    while n == 0 or time.perf_counter() - start < budget_s:
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            n += len(batch["image"])
+        epoch += 1
+    seconds = time.perf_counter() - start
+    del loader                             # ends persistent workers
+    return Timing(n, seconds)
+
+
 def epoch_order(dataset: SliceDataset, seed: int, block_cases: int | None = None) -> list[int]:
     """Indices of epoch 0 as the training sampler orders them."""
     return EpochSampler(dataset, seed, block_cases=block_cases).order(0).tolist()
@@ -143,6 +169,9 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
         peak[0] = max(peak[0], bounded.cache.nbytes)
 
     res.add("slicedataset_bounded_cold", measure(bounded_get, b_order, budget_s=float("inf")))
+    for workers in (0, LOADER_WORKERS):
+        res.add(f"dataloader_{workers}_workers",
+                dataloader_rate(str(cohort.store), cfg.size, cfg.batch_size, workers, cfg.seed, budget))
 
     res.compare(Comparison("SliceDataset (warm cache) vs DICOM+PNG per sample", "slicedataset_warm", "dicom",
                            "times faster than decoding the source files per sample (the article's loader)",
@@ -157,8 +186,12 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     res.compare(Comparison("SliceDataset, cache bounded to 2 cases (cold) vs DICOM per sample",
                            "slicedataset_bounded_cold", "dicom",
                            "a cohort larger than the cache budget: blocked epoch order, one read per case"))
+    res.compare(Comparison(f"trainer's DataLoader, {LOADER_WORKERS} worker processes vs in the main process (warm)",
+                           f"dataloader_{LOADER_WORKERS}_workers", "dataloader_0_workers",
+                           "batches handed over from worker processes (shared memory) vs built in the training "
+                           "process, every case cached, no CPU augmentation (as with augment_on: device)"))
     res.details.update({
-        "cases": len(cases), "samples_per_epoch": len(dataset), "size": cfg.size,
+        "cases": len(cases), "samples_per_epoch": len(dataset), "size": cfg.size, "batch_size": cfg.batch_size,
         "cache_reads_cold_epoch": dataset.cache.reads, "prepared_case_mb_max": dataset.case_bytes() / MB,
         "bounded_cache_budget_mb": budget_bytes / MB, "bounded_cache_peak_mb": peak[0] / MB,
         "bounded_cache_reads": bounded.cache.reads,
