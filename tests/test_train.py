@@ -296,3 +296,14 @@ def test_ensure_synthetic_writes_t1_in_only_once(tmp_path):
     before = (store_path / "zarr.json").stat().st_mtime_ns
     assert trainer.ensure_synthetic(cfg) == store_path                       # reused, not regenerated
     assert (store_path / "zarr.json").stat().st_mtime_ns == before
+
+
+def test_data_wait_hint_names_the_cure_for_the_setup():
+    from dlseg.trainer import data_wait_hint
+    cpu = data_wait_hint(0.42, "cpu", 2)
+    assert cpu.startswith("hint: 42 % of step time") and "raise loader.workers (now 2)" in cpu
+    assert "--augment_on device" in cpu
+    device_workers = data_wait_hint(0.5, "device", 4)
+    assert "--loader.workers 0" in device_workers and "4 loader worker(s)" in device_workers
+    device_main = data_wait_hint(0.6, "device", 0)
+    assert "first epoch" in device_main and "loader.cache_mb" in device_main and "--loader.workers 0" not in device_main
