@@ -7,7 +7,7 @@ sees exactly the same numbers at training and at prediction time. Everything her
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -22,16 +22,17 @@ STATS_MAX_VOXELS = 2_000_000  # statistics use at most this many voxels (a fixed
 HISTOGRAM_MAX_LEVELS = 1 << 20  # integer volumes spanning at most this many values take the histogram path
 
 
-def body_threshold(sample: np.ndarray, modality: str) -> float:
-    """Voxels above this are "body" (air excluded), for statistics only: fixed HU for CT, a fraction of p99 for MR."""
+def body_threshold(modality: str, p99: Callable[[], float]) -> float:
+    """Voxels above this are "body" (air excluded), for statistics only: fixed HU for CT, a fraction of the
+    99th percentile for MR (``p99`` is called only then, so each caller computes it its own way)."""
     if modality.upper() == "CT":
         return CT_BODY_HU
-    return MR_BODY_FRACTION * float(np.percentile(sample, 99.0)) if sample.size else 0.0
+    return MR_BODY_FRACTION * float(p99())
 
 
 def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
     """Boolean mask of voxels inside the body (excludes air), used for statistics only."""
-    return image > body_threshold(image, modality)
+    return image > body_threshold(modality, lambda: np.percentile(image, 99.0) if image.size else 0.0)
 
 
 def hist_percentiles(levels: np.ndarray, counts: np.ndarray, q: list[float]) -> np.ndarray:
@@ -60,11 +61,7 @@ def _stats_from_histogram(sample: np.ndarray, modality: str) -> tuple[np.ndarray
     levels = np.arange(lo, hi + 1, dtype=np.int64)
     present = counts > 0
     levels, counts = levels[present], counts[present]
-    if modality.upper() == "CT":
-        thr = CT_BODY_HU
-    else:
-        thr = MR_BODY_FRACTION * float(hist_percentiles(levels, counts, [99.0])[0])
-    body = levels > thr
+    body = levels > body_threshold(modality, lambda: hist_percentiles(levels, counts, [99.0])[0])
     if int(counts[body].sum()) >= 16:
         levels, counts = levels[body], counts[body]
     n = int(counts.sum())
@@ -94,7 +91,7 @@ def intensity_stats(image: np.ndarray, modality: str) -> dict[str, float]:
         p, mean, std, fraction = fast
     else:
         sample = raw.astype(np.float32)
-        body = sample[sample > body_threshold(sample, modality)]
+        body = sample[sample > body_threshold(modality, lambda: np.percentile(sample, 99.0))]
         if body.size < 16:
             body = sample
         p = np.percentile(body, [0.5, 1, 50, 99, 99.5])
