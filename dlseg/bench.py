@@ -87,11 +87,7 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], BenchConfig, str | No
     )
     if a.quick and tuple(a.memory_cases) == BenchConfig().memory_cases:
         cfg.memory_cases = (2, 8)
-    if cfg.predict_batch_size == 0 or cfg.predict_workers is None:   # what dlseg/predict.py uses on this device
-        from dlseg.predictor import PredictConfig
-        pc = PredictConfig(batch_size=cfg.predict_batch_size, workers=cfg.predict_workers).for_device(cfg.device)
-        cfg.predict_batch_size, cfg.predict_workers = pc.batch_size, pc.workers
-    return (list(STAGES) if a.stage == "all" else [a.stage]), cfg, a.json
+    return (list(STAGES) if a.stage == "all" else [a.stage]), cfg.with_predict_defaults(), a.json
 
 
 def check_config(cfg: BenchConfig) -> None:

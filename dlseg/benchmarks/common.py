@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
@@ -56,6 +56,13 @@ class BenchConfig:
     def scaled(self, seconds: float) -> float:
         """A time budget shortened in quick mode."""
         return seconds / 4 if self.quick else seconds
+
+    def with_predict_defaults(self) -> "BenchConfig":
+        """This config with prediction's batch size and workers as ``dlseg/predict.py`` picks them on the device."""
+        from dlseg.predictor import PredictConfig
+
+        pc = PredictConfig(batch_size=self.predict_batch_size, workers=self.predict_workers).for_device(self.device)
+        return replace(self, predict_batch_size=pc.batch_size, predict_workers=pc.workers)
 
 
 class BenchSkip(Exception):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -96,13 +95,12 @@ def prepared_slices(predictor, store_path: Path) -> torch.Tensor:
 
 def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     """Measure end-to-end prediction, its ceiling and the slice-by-slice baseline; memory at two cohort sizes."""
-    from dlseg.predictor import PredictConfig, Predictor, slicewise_baseline
+    from dlseg.predictor import Predictor, slicewise_baseline
     from preprocess.layout import discover
 
     if cohort.chaos is None:
         raise BenchSkip("needs DICOM folders (--source) to predict from")
-    pc = PredictConfig(batch_size=cfg.predict_batch_size, workers=cfg.predict_workers).for_device(cfg.device)
-    cfg = replace(cfg, predict_batch_size=pc.batch_size, predict_workers=pc.workers)
+    cfg = cfg.with_predict_defaults()   # a no-op when parse_args already filled them in
     res = StageResult("predict", "slices/s")
     work = cohort.root / "scratch-predict"
     shutil.rmtree(work, ignore_errors=True)
