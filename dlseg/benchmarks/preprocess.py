@@ -120,8 +120,9 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
         for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
             fn, *args = runs[key]
             out, peak = isolated(fn, *args, **opts)
+            total = got.setdefault(key, {})
             for k, v in out.items():
-                got.setdefault(key, {})[k] = got.get(key, {}).get(k, 0) + v if k in ("slices", "seconds") else v
+                total[k] = total.get(k, 0) + v if k in ("slices", "seconds") else v   # sums over rounds
             per_round.setdefault(key, []).append(round(out["seconds"], 3))
             mem[key] = {k: max(v, mem.get(key, {}).get(k, 0.0)) for k, v in peak.items()}
     _, mem_idle = isolated(idle_worker, **opts)
