@@ -14,20 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from dlseg.benchmarks.common import (
     STAGES, BenchConfig, BenchSkip, Cohort, ensure_cohort, isolated, machine_info, run_stage,
 )
-from dlseg.console import console, fail
+from dlseg.console import console, run_entry
+from dlseg.errors import ConfigError
+from dlseg.fileio import atomic_write
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TABLE_WIDTH = 150   # the tables stay readable when the output is a file or a narrow terminal
@@ -91,26 +93,25 @@ def parse_args(argv: list[str] | None) -> tuple[list[str], BenchConfig, str | No
 
 
 def check_config(cfg: BenchConfig) -> None:
-    """ValueError naming the option that cannot work."""
+    """ConfigError naming the option that cannot work."""
     for key in ("size", "base_width", "depth", "batch_size", "predict_batch_size", "patients", "train_epochs"):
         if getattr(cfg, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(cfg, key)}")
+            raise ConfigError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(cfg, key)}")
     if not 0 <= cfg.warmup_epochs < cfg.train_epochs:
-        raise ValueError(f"--warmup-epochs {cfg.warmup_epochs}: must be >= 0 and below --train-epochs")
+        raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs}: must be >= 0 and below --train-epochs")
     if min(cfg.workers, cfg.predict_workers, cfg.preprocess_workers, cfg.threads) < 0:
-        raise ValueError("--workers, --predict-workers, --preprocess-workers and --threads must be >= 0")
+        raise ConfigError("--workers, --predict-workers, --preprocess-workers and --threads must be >= 0")
     if cfg.size % (2 ** cfg.depth):
-        raise ValueError(f"--size {cfg.size}: must be a multiple of 2**depth = {2 ** cfg.depth}")
+        raise ConfigError(f"--size {cfg.size}: must be a multiple of 2**depth = {2 ** cfg.depth}")
     if not 1 <= cfg.memory_cases[0] < cfg.memory_cases[1]:
-        raise ValueError(f"--memory-cases {cfg.memory_cases}: expected 1 <= SMALL < LARGE")
+        raise ConfigError(f"--memory-cases {cfg.memory_cases}: expected 1 <= SMALL < LARGE")
     if cfg.device == "cuda":
-        import torch
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device visible here")
+            raise ConfigError("--device cuda: no CUDA device visible here")
     if cfg.store and not Path(cfg.store, "zarr.json").is_file():
-        raise ValueError(f"--store {cfg.store}: no dlseg store here")
+        raise ConfigError(f"--store {cfg.store}: no dlseg store here")
     if cfg.source and not Path(cfg.source).is_dir():
-        raise ValueError(f"--source {cfg.source}: no such folder")
+        raise ConfigError(f"--source {cfg.source}: no such folder")
 
 
 def measure_stages(stages: list[str], cfg: BenchConfig, cohort: Cohort) -> dict[str, dict[str, Any]]:
@@ -221,10 +222,7 @@ def header_lines(machine: dict[str, Any], cfg: BenchConfig, cohort: Cohort) -> l
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
     """Write the results atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(doc, indent=2, default=str))
 
 
 def run(stages: list[str], cfg: BenchConfig, json_path: str | None) -> tuple[dict[str, Any], Path]:
@@ -252,12 +250,13 @@ def main(argv: list[str] | None = None) -> int:
         stages, cfg, json_path = parse_args(argv)
     except SystemExit as e:  # argparse printed usage and the reason
         return int(e.code or 0)
-    try:
+
+    def measure() -> int:
         check_config(cfg)
-    except ValueError as e:
-        fail(str(e), EXIT_USAGE)
-    doc, _ = run(stages, cfg, json_path)
-    return EXIT_FAILED if any("error" in r for r in doc["stages"].values()) else EXIT_OK
+        doc, _ = run(stages, cfg, json_path)
+        return EXIT_FAILED if any("error" in r for r in doc["stages"].values()) else EXIT_OK
+
+    return run_entry(measure)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,12 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from dlseg.errors import ResumeError
+
 CHECKPOINTS = "checkpoints"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 _NAME_RE = re.compile(rf"^{PREFIX}(\d+)$")
-
-
-class ResumeError(ValueError):
-    """A ``--resume`` target that cannot be used; one line naming the path and the reason."""
 
 
 @dataclass

@@ -5,6 +5,8 @@ fill such a tree, check names and types, and save the result; it holds no defaul
 
     cfg = resolve(TrainConfig, yaml_path="recipes/demo.yaml", overrides=["--optim.lr", "1e-3", "--epochs=3"])
     save_yaml(cfg, run_dir / "config.yaml")
+    cfg = parse_args(PredictConfig, sys.argv[1:], prog="dlseg-predict")   # the same dataclass as flags
+
 
 Keys are dotted paths into the tree (``optim.lr``); a top-level field may also be given bare. ``-`` and
 ``_`` are interchangeable in keys (``--batch-size`` == ``--batch_size``). Unknown keys and values of the
@@ -13,6 +15,7 @@ wrong type raise :class:`ConfigError` naming the key.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -21,11 +24,21 @@ from typing import Any, TypeVar
 
 import yaml
 
+from dlseg.errors import ConfigError
+from dlseg.fileio import atomic_write
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used; the message names the key."""
+def option(help: str, default: Any = dataclasses.MISSING, *, flag: str | None = None, positional: bool = False,
+           choices: tuple[str, ...] | None = None, exclusive: str | None = None, default_help: str | None = None,
+           default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field that is also a command-line flag: its help, and its flag name where it differs."""
+    meta = {"help": help, "flag": flag, "positional": positional, "choices": choices, "exclusive": exclusive,
+            "default_help": default_help}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -212,8 +225,79 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
     """Write the resolved config (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(p)
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigErrors: one line, caught by the entry point like any other user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.metadata.get("default_help"):
+        return f" (default: {f.metadata['default_help']})"
+    if f.default is not dataclasses.MISSING and f.default is not None and f.default is not False and f.default != "":
+        value = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        return f" (default: {value})"
+    return ""
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", values_for_bools: bool = True) -> None:
+    """One flag per field of dataclass ``cls`` (sections as ``--section.key``); values stay strings for
+    :func:`parse_args` to coerce. Bools are ``--flag`` alone (and ``--flag false`` where ``values_for_bools``)."""
+    types_ = _field_types(cls)
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in dataclasses.fields(cls):
+        tp, meta, key = types_[f.name], f.metadata, prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            add_flags(parser, tp, prefix=f"{key}.", values_for_bools=values_for_bools)
+            continue
+        help_ = (meta.get("help") or "") + _default_text(f)
+        if meta.get("positional"):
+            parser.add_argument(key, metavar=meta.get("flag") or f.name.upper(), help=help_)
+            continue
+        name = meta.get("flag") or f"--{key.replace('_', '-')}"
+        kwargs: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS}
+        if tp is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL") if values_for_bools else \
+                kwargs.update(action="store_const", const="true")
+        else:
+            kwargs.update(metavar=None if meta.get("choices") else f.name.upper(), choices=meta.get("choices"))
+        target: Any = parser
+        if meta.get("exclusive"):
+            if meta["exclusive"] not in groups:
+                groups[meta["exclusive"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["exclusive"]]
+        target.add_argument(name, help=help_, **kwargs)
+        if f"--{key}" != name:      # --batch_size is --batch-size, not shown twice in --help
+            target.add_argument(f"--{key}", help=argparse.SUPPRESS, **kwargs)
+
+
+def build_parser(cls: type, prog: str, description: str, values_for_bools: bool = True) -> FlagParser:
+    """The command line of an entry point, generated from its config dataclass."""
+    parser = FlagParser(prog=prog, description=description, allow_abbrev=False)
+    add_flags(parser, cls, values_for_bools=values_for_bools)
+    return parser
+
+
+def config_from_namespace(cls: type[T], ns: argparse.Namespace, base: T | None = None) -> T:
+    """The parsed flags applied to ``base`` (default: ``cls`` built from the positional arguments)."""
+    given = dict(vars(ns))
+    if base is None:
+        base = cls(**{k: given.pop(k) for k in _positional_names(cls)})
+    for key, value in given.items():
+        base = set_key(base, key, value)
+    return base
+
+
+def _positional_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")]
+
+
+def parse_args(cls: type[T], argv: list[str] | None, prog: str, description: str) -> T:
+    """``argv`` → ``cls``: flags generated from the dataclass, values coerced and checked by type."""
+    values_for_bools = not _positional_names(cls)
+    ns = build_parser(cls, prog, description, values_for_bools).parse_args(argv)
+    return config_from_namespace(cls, ns)

@@ -7,9 +7,7 @@ for each rank) is 0 or unset.
 from __future__ import annotations
 
 import os
-import sys
-from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable
 
 from rich.console import Console
 from rich.markup import escape
@@ -17,6 +15,9 @@ from rich.progress import (
     BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
+
+from dlseg.errors import UserError
 
 
 def is_main_process() -> bool:
@@ -36,7 +37,6 @@ class RateColumn(TextColumn):
         self.unit = unit
 
     def render(self, task):  # type: ignore[override]
-        from rich.text import Text
         speed = task.finished_speed or task.speed
         return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
 
@@ -53,16 +53,16 @@ def make_progress(unit: str = "it", transient: bool = False, disable: bool | Non
     )
 
 
-def fail(message: str, code: int = 2) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
-    """Print one error line (no traceback) and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    sys.exit(code)
+def print_error(message: str) -> None:
+    """One error line on stderr, no traceback (main process only)."""
+    if is_main_process():
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-@contextmanager
-def user_errors(*types: type[BaseException], code: int = 2) -> Iterator[None]:
-    """Turn the listed exception types into one printed line and an exit status."""
+def run_entry(body: Callable[[], int]) -> int:
+    """An entry point's body; a :class:`~dlseg.errors.UserError` becomes its one line and its exit status."""
     try:
-        yield
-    except types as e:  # type: ignore[misc]
-        fail(str(e), code)
+        return body()
+    except UserError as e:
+        print_error(str(e))
+        return e.exit_status

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dlseg.fileio import atomic_save, atomic_write
+
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
 
@@ -26,9 +28,7 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def truncate_metrics(run_dir: str | os.PathLike, before_epoch: int) -> None:
@@ -67,8 +67,7 @@ def plot_curves(run_dir: str | os.PathLike) -> Path:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(run_dir) / CURVES
-    tmp = out.with_name(".tmp-" + out.name)
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return atomic_save(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)

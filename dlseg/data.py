@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dlseg.normalize import NormConfig, prepare_mask, prepare_volume
 from dlseg.store import Store, StoreError
+from dlseg.workers import one_core
 
 MB = 1 << 20
 PREPARED_BYTES_PER_VOXEL = 4 + 1  # float32 image + uint8 mask
@@ -358,20 +359,11 @@ def _balanced_draw(rng: np.random.Generator, items: np.ndarray, k: int) -> np.nd
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed numpy and random from torch's per-worker seed; OpenCV single-threaded."""
+    """DataLoader ``worker_init_fn``: seed numpy and random from torch's per-worker seed; one thread per worker."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    single_thread_opencv()
-
-
-def single_thread_opencv() -> None:
-    """Per-sample OpenCV work (resize, augmentation) on one thread: its pool only fights torch's OpenMP threads.
-
-    Measured by ``python -m dlseg.bench train``: trainer/bare-loop 0.43 with OpenCV's default pool vs 0.97 with one
-    thread on 2 CPU cores (samples are small; parallelism comes from loader workers and torch, not OpenCV).
-    """
-    cv2.setNumThreads(1)
+    one_core()
 
 
 def _loader_kwargs(cfg: DataConfig) -> dict[str, Any]:
@@ -397,7 +389,7 @@ def build_train_loader(store_path: str | os.PathLike, cfg: DataConfig, seed: int
         )
     sampler = EpochSampler(dataset, seed, oversample_foreground=cfg.oversample_foreground)
     if cfg.workers == 0:
-        single_thread_opencv()  # samples are prepared in this process
+        cv2.setNumThreads(1)  # samples are small: OpenCV's pool would only fight torch's threads
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                       generator=torch.Generator().manual_seed(int(seed)), **_loader_kwargs(cfg))
 

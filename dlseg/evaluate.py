@@ -7,7 +7,7 @@ every ``*.png`` of the folder, sorted, as 8-bit grayscale), optional ``sources.j
 from ``prediction.npz`` (key ``mask``, liver = 1) instead.
 
 Truth: a dlseg Zarr store (liver = mask value 1, spacing from the store) or a CHAOS tree (Ground PNGs through
-``preprocess.masks``, geometry from the DICOM headers exactly as the official code uses it: PixelSpacing and
+``dlseg.sources.masks``, geometry from the DICOM headers exactly as the official code uses it: PixelSpacing and
 the mean slice step ``|T_last - T_first| / (N - 1)`` of the files in name order).
 
 Every truth case is scored; a truth case without a usable prediction (missing, unreadable, wrong shape) fails
@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,11 +35,12 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from dlseg.fileio import atomic_write
 from dlseg.console import console, err_console, make_progress
 from dlseg.metrics import case_metrics
 from dlseg.store import Store, StoreError
 from dlseg.workers import spawn_pool
-from preprocess.errors import CaseError, Failure, UsageError, one_line
+from dlseg.errors import CaseError, Failure, UsageError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 LIVER = 1  # liver label in the store and in prediction.npz
@@ -177,7 +177,7 @@ def open_truth(spec: TruthSpec) -> tuple[list[tuple[str, Any]], list[Failure]]:
         return [(c, None) for c in ids if store.info(c).labeled], []
     if spec.split is not None:
         raise UsageError(f"--split {spec.split}: only a Zarr store truth has splits ({spec.path} is a CHAOS tree)")
-    from preprocess.layout import discover
+    from dlseg.sources.layout import discover
 
     cases, failures = discover(spec.path, modality=spec.modality, labels="liver")
     return [(c.case_id, c) for c in cases if c.labeled], failures
@@ -195,7 +195,7 @@ def load_truth(spec: TruthSpec, case_id: str, source: Any) -> tuple[np.ndarray, 
         store = open_store(spec.path)
         _, mask = store.read_case(case_id, mask=True)
         return mask == LIVER, store.info(case_id).spacing
-    from preprocess.masks import read_masks
+    from dlseg.sources.masks import read_masks
 
     mask = read_masks(source.mask_files, source.modality, "liver") == LIVER
     return mask, official_spacing(source.image_files)
@@ -203,7 +203,7 @@ def load_truth(spec: TruthSpec, case_id: str, source: Any) -> tuple[np.ndarray, 
 
 def official_spacing(files: Sequence[Path]) -> tuple[float, float, float]:
     """(z, y, x) mm as the official CHAOS code derives it: PixelSpacing and |T_last - T_first| / (N - 1)."""
-    from preprocess.dicom import header_meta, read_dataset
+    from dlseg.sources.dicom import header_meta, read_dataset
 
     first = header_meta(read_dataset(Path(files[0])))
     if not first["pixel_spacing"]:
@@ -300,14 +300,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | int | N
         stats = (float(finite.mean()), float(finite.std()), float(np.median(finite))) if finite.size else (None,) * 3
         out[col] = {"mean": stats[0], "std": stats[1], "median": stats[2], "n": int(finite.size)}
     return out
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary name next to path, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
@@ -409,8 +401,8 @@ def run(cfg: EvalConfig, progress: bool = True) -> int:
     scored = {r["case"] for r in rows} | {f.case_id for f in failures}
     unmatched = [c for c in prediction_cases(Path(cfg.pred)) if c not in scored]
     doc = summary_document(cfg, rows, failures, unmatched)
-    write_atomic(cfg.csv_path, csv_text(rows))
-    write_atomic(cfg.summary_path, json.dumps(doc, indent=2) + "\n")
+    atomic_write(cfg.csv_path, csv_text(rows))
+    atomic_write(cfg.summary_path, json.dumps(doc, indent=2) + "\n")
     print_summary(doc, cfg)
     return EXIT_FAILED if failures else EXIT_OK
 

@@ -14,16 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dlseg.model import build_model
+from dlseg.errors import ModelError
+from dlseg.fileio import atomic_save, atomic_write
 
 FORMAT_NAME = "dlseg-model"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 META = "model.json"
 REQUIRED = ("arch", "normalization", "train_size", "context_slices", "labels", "modality", "threshold")
-
-
-class ModelError(Exception):
-    """An exported model that cannot be used; one line naming the path and the reason."""
 
 
 def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | os.PathLike) -> Path:
@@ -34,13 +32,9 @@ def export_model(model: torch.nn.Module, meta: dict[str, Any], out_dir: str | os
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp_w = out / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp_w))
-    os.replace(tmp_w, out / WEIGHTS)
+    atomic_save(out / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     doc = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **meta}
-    tmp_m = out / (META + ".tmp")
-    tmp_m.write_text(json.dumps(doc, indent=2, sort_keys=True))
-    os.replace(tmp_m, out / META)
+    atomic_write(out / META, json.dumps(doc, indent=2, sort_keys=True))
     return out
 
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from dlseg.export import ModelError
     from dlseg.predictor import predict_cohort
     from dlseg.store import StoreError
-    from preprocess.errors import CaseError, UsageError
+    from dlseg.errors import CaseError, UsageError
 
     cfg = config_from_args(argv)
     try:

@@ -50,9 +50,11 @@ from torch.utils.data import DataLoader, Dataset
 from dlseg.config import ConfigError
 from dlseg.console import console, make_progress
 from dlseg.distributed import check_launch
+from dlseg.fileio import atomic_write, hash_file, install_dir
 from dlseg.export import META, WEIGHTS, load_model, resolve_model_dir
 from dlseg.normalize import NormConfig, ResizeMapping, intensity_stats, prepare_volume
 from dlseg.store import Store, StoreError, sanitize_case_id
+from dlseg.workers import one_core
 
 FORMATS = ("png", "npz", "nifti")
 INPUT_KINDS = ("auto", "chaos", "dicom", "store")
@@ -60,9 +62,9 @@ PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 CPU_BATCH, ACCELERATOR_BATCH = 8, 64     # default slices per forward pass (PredictConfig.for_device)
 CPU_WORKERS, ACCELERATOR_WORKERS = 0, 2  # default case-loading processes (PredictConfig.for_device)
 CHAOS_GRAY_STEP = 63          # multi-class PNG value = class × 63 (liver 63, kidneys 126/189, spleen 252)
-TMP_PREFIX = ".tmp-"             # case temporaries: .tmp-<case>-<12 hex>, and .tmp-<case>-old-<8 hex> (install_case)
+TMP_PREFIX = ".tmp-"             # case temporaries: .tmp-<case>-<12 hex>, and .tmp-<case>-old-<8 hex> (install_dir)
 TMP_CASE_RE = re.compile(r"\.tmp-(?P<case>.+)-(?:[0-9a-f]{12}|old-[0-9a-f]{8})")
-NOTE_TMP_RE = re.compile(r"\.(?P<case>.+)\.json\.[0-9a-f]{8}\.tmp")   # write_bytes_atomic's name in .failed/
+NOTE_TMP_RE = re.compile(r"\.(?P<case>.+)\.json\.[0-9a-f]{8}\.tmp")   # atomic_write's name in .failed/
 FAILED_DIR = ".failed"
 RECORD = "record.json"
 SOURCES = "sources.json"
@@ -341,8 +343,8 @@ def detect_kind(path: Path) -> str:
     """store when ``zarr.json`` is at the root; chaos when Train_Sets/Test_Sets/CT/MR folders exist; else dicom."""
     if (path / "zarr.json").is_file():
         return "store"
-    from preprocess.layout import source_sets
-    from preprocess.errors import UsageError
+    from dlseg.sources.layout import source_sets
+    from dlseg.errors import UsageError
     try:
         source_sets(path)
         return "chaos"
@@ -352,7 +354,7 @@ def detect_kind(path: Path) -> str:
 
 def chaos_cohort(root: Path, meta: dict[str, Any]) -> Cohort:
     """Cases of the model's sequence in a CHAOS tree (Train_Sets and/or Test_Sets), ordered by the layout rules."""
-    from preprocess.layout import discover
+    from dlseg.sources.layout import discover
 
     sequence = meta.get("sequence") or "all"
     cases, failures = discover(root, sequence, meta["labels"])
@@ -379,7 +381,7 @@ def series_case_id(modality: str, uid: str) -> str:
 
 def dicom_cohort(root: Path, meta: dict[str, Any]) -> Cohort:
     """Every image series under ``root`` (grouped by SeriesInstanceUID, ordered along the slice normal)."""
-    from preprocess.dicom import find_series
+    from dlseg.sources.dicom import find_series
 
     specs, fails = [], []
     want = str(meta["modality"]).upper()
@@ -440,12 +442,6 @@ def _identity(item: Any) -> Any:
     return item
 
 
-def _worker_init(_: int) -> None:
-    """One intra-op thread per (spawned) worker process: workers are the parallelism."""
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-
-
 class CaseDataset(Dataset):
     """Map-style dataset of cases: item i is case i read, decoded and normalized (or its failure reason)."""
 
@@ -486,7 +482,7 @@ class CaseDataset(Dataset):
             geometry = {"spacing": attrs["spacing"], "origin": attrs["origin"], "direction": attrs["direction"]}
             sources = list(attrs["source_files"])
         else:
-            from preprocess.dicom import read_series
+            from dlseg.sources.dicom import read_series
             volume = read_series(list(spec.files))
             image = volume.image
             stats = intensity_stats(image, self.modality)
@@ -508,7 +504,7 @@ class CaseDataset(Dataset):
         """Ground-truth labels aligned with the decoded slices, when the case has them."""
         if spec.mask_files is None:
             return None
-        from preprocess.masks import read_masks
+        from dlseg.sources.masks import read_masks
         by_image = dict(zip((str(Path(f)) for f in spec.files), spec.mask_files))
         files = [by_image[str(p)] for p in volume.files]
         truth = read_masks(files, spec.modality, spec.labels)
@@ -519,7 +515,7 @@ class CaseDataset(Dataset):
 
 def _reason(e: BaseException) -> str:
     """One-line failure reason (CaseError/StoreError already read 'path: reason')."""
-    from preprocess.errors import CaseError, one_line
+    from dlseg.errors import CaseError, one_line
     if isinstance(e, (CaseError, StoreError, ConfigError)):
         return one_line(e)
     return one_line(f"{type(e).__name__}: {e}")
@@ -592,24 +588,6 @@ def overlay_panel(gray: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) 
     return np.concatenate(out, axis=1)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def install_case(tmp: Path, final: Path) -> None:
-    """Move a complete temporary case folder into place (an older version is moved aside first)."""
-    if final.exists():
-        old = final.with_name(f"{TMP_PREFIX}{final.name}-old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-
-
 @dataclass
 class RunIdentity:
     """What makes an existing case folder reusable: model, settings, and where it runs."""
@@ -664,7 +642,8 @@ def write_case(out: Path, item: dict[str, Any], probs: np.ndarray, predictor: Pr
             record["class_volumes_ml"] = {str(c): round(float(counts[c]) * voxel_ml, 4)
                                           for c in range(1, predictor.num_classes)}
         (tmp / RECORD).write_text(json.dumps(record, indent=1))   # last: a folder with a record is complete
-        install_case(tmp, out / spec.case_id)
+        final = out / spec.case_id
+        install_dir(tmp, final, final.with_name(f"{TMP_PREFIX}{final.name}-old-{uuid.uuid4().hex[:8]}"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -676,7 +655,7 @@ def write_failure(out: Path, case_id: str, reason: str, fingerprint: str = "") -
     row = {"case_id": case_id, "status": "failed", "reason": reason, "input_fingerprint": fingerprint}
     folder = out / FAILED_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(folder / f"{case_id}.json", json.dumps(row).encode())
+    atomic_write(folder / f"{case_id}.json", json.dumps(row).encode())
     return row
 
 
@@ -689,9 +668,7 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     d = resolve_model_dir(path)
     h = hashlib.sha256(b"dlseg-model\n")
     for name in (WEIGHTS, META):
-        with open(d / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        hash_file(h, d / name)
         h.update(b"\1")
     return h.hexdigest()
 
@@ -787,8 +764,8 @@ def write_summary(out: Path, rows: list[dict[str, Any]], totals: dict[str, Any],
     writer.writeheader()
     for r in rows:
         writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_FIELDS})
-    write_bytes_atomic(out / f"{stem}.csv", buf.getvalue().encode())
-    write_bytes_atomic(out / f"{stem}.json", json.dumps({**totals, "cases": rows}, indent=1).encode())
+    atomic_write(out / f"{stem}.csv", buf.getvalue().encode())
+    atomic_write(out / f"{stem}.json", json.dumps({**totals, "cases": rows}, indent=1).encode())
     return out / f"{stem}.csv"
 
 
@@ -848,7 +825,7 @@ class CohortRunner:
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=w, collate_fn=_identity,
                           pin_memory=self.predictor.device.type == "cuda",
                           prefetch_factor=self.cfg.prefetch if w > 0 else None,
-                          worker_init_fn=_worker_init if w > 0 else None,
+                          worker_init_fn=one_core if w > 0 else None,
                           # spawn: forking after OpenCV/OpenMP thread pools and the progress thread can hang workers
                           multiprocessing_context="spawn" if w > 0 else None)
 
@@ -951,7 +928,7 @@ class CohortRunner:
 
 def make_plan(cfg: PredictConfig, meta: dict[str, Any], out: Path, ident: RunIdentity) -> dict[str, Any]:
     """Main process: find the cohort (this shard's part), clean its stale temporaries, split into done and to-do."""
-    from preprocess.errors import CaseError, UsageError
+    from dlseg.errors import CaseError, UsageError
     try:
         shard = cfg.shard_part()
         cohort = find_cohort(cfg, meta)
@@ -1074,7 +1051,7 @@ def report(totals: dict[str, Any], rows: list[dict[str, Any]], cfg: PredictConfi
 def slicewise_baseline(predictor: Predictor, files: list[str | os.PathLike], out_dir: str | os.PathLike,
                        label_value: int = 63) -> int:
     """The article's way, for the benchmark: read a series, then one slice per forward pass and one PNG per slice."""
-    from preprocess.dicom import read_series
+    from dlseg.sources.dicom import read_series
 
     volume = read_series(files)
     labels = predictor.predict_volume_slicewise(volume.image)

@@ -36,6 +36,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from dlseg.errors import StoreError
+from dlseg.fileio import hash_file, install_dir
+
 FORMAT_NAME = "dlseg-store"
 FORMAT_VERSION = 1
 PARTIAL_DIR = ".partial"
@@ -49,10 +52,6 @@ CASE_KEYS = (
 )
 
 _CASE_ID_RE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class StoreError(Exception):
-    """A store that cannot be used; the message names the path and the reason."""
 
 
 def sanitize_case_id(text: str) -> str:
@@ -71,9 +70,7 @@ def fingerprint_files(paths: Iterable[str | os.PathLike], names: Iterable[str] |
     for name, p in zip(names, paths):
         h.update(name.encode())
         h.update(b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        hash_file(h, p)
         h.update(b"\1")
     return h.hexdigest()
 
@@ -197,14 +194,7 @@ class StoreWriter:
         attrs["complete"] = True  # written last: zarr.json is rewritten with it after the arrays exist
         group.update_attributes(_json_safe(attrs))  # one write of zarr.json (attrs.update writes once per key)
 
-        final = self.path / case_id
-        if final.exists():
-            trash = self.path / PARTIAL_DIR / f"{case_id}-old-{uuid.uuid4().hex[:12]}"
-            os.rename(final, trash)
-            os.rename(partial, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(partial, final)
+        install_dir(partial, self.path / case_id, self.path / PARTIAL_DIR / f"{case_id}-old-{uuid.uuid4().hex[:12]}")
         try:
             partial.parent.rmdir()  # leave no empty .partial/ behind (fails harmlessly while others write)
         except OSError:

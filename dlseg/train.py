@@ -18,8 +18,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dlseg.config import ConfigError, resolve  # noqa: E402
-from dlseg.console import fail  # noqa: E402
+from dlseg.config import build_parser, config_from_namespace, resolve  # noqa: E402
+from dlseg.console import run_entry  # noqa: E402
+from dlseg.errors import ConfigError  # noqa: E402
+from dlseg.trainer import TrainConfig, run  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
@@ -38,52 +40,18 @@ def recipe_path(name: str) -> Path:
     return shipped
 
 
-def split_config_arg(argv: list[str]) -> tuple[str | None, list[str]]:
-    """Take ``--config X`` / ``--config=X`` out of the arguments; the rest are ``--key value`` overrides."""
-    rest, recipe, i = [], None, 0
-    while i < len(argv):
-        tok = argv[i]
-        if tok == "--config":
-            if i + 1 >= len(argv):
-                raise ConfigError("config: expected a recipe name or YAML file after --config")
-            recipe, i = argv[i + 1], i + 2
-        elif tok.startswith("--config="):
-            recipe, i = tok.split("=", 1)[1], i + 1
-        else:
-            rest.append(tok)
-            i += 1
-    return recipe, rest
-
-
-def parse(argv: list[str]):
-    """Command line → TrainConfig (defaults → recipe → overrides); ConfigError naming the key."""
-    from dlseg.trainer import TrainConfig
-
-    recipe, overrides = split_config_arg(argv)
-    return resolve(TrainConfig, recipe_path(recipe) if recipe else None, overrides)
+def parse(argv: list[str]) -> TrainConfig:
+    """Command line → TrainConfig (defaults → recipe → ``--key value``); ConfigError naming the key."""
+    parser = build_parser(TrainConfig, prog="dlseg/train.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="a YAML recipe, or the name of a shipped one (dlseg/recipes/NAME.yaml)")
+    ns = parser.parse_args(argv)
+    recipe = vars(ns).pop("config", None)
+    return config_from_namespace(TrainConfig, ns, resolve(TrainConfig, recipe_path(recipe) if recipe else None))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: exit status 0 / 1 / 2 / 75 (see the module docstring)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    try:
-        cfg = parse(argv)
-    except ConfigError as e:
-        fail(str(e), 2)
-    from dlseg import trainer
-    from dlseg.checkpoint import ResumeError
-    from dlseg.export import ModelError
-    from dlseg.store import StoreError
-
-    try:
-        return trainer.run(cfg)
-    except (ConfigError, StoreError, ResumeError, ModelError) as e:
-        fail(str(e), 2)
-    except trainer.TrainingError as e:
-        fail(str(e), trainer.EXIT_FAILED)
+    return run_entry(lambda: run(parse(list(sys.argv[1:] if argv is None else argv))))
 
 
 if __name__ == "__main__":

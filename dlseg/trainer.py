@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from dlseg.distributed import check_launch
 from dlseg.export import export_model
 from dlseg.losses import LossConfig, build_loss
 from dlseg.model import ModelConfig, arch_dict, build_model
+from dlseg.errors import UserError
+from dlseg.preprocessing.synthetic_store import synthetic_store
 from dlseg.store import Store, StoreError
 
 EXIT_PREEMPTED = 75           # state saved after SIGTERM/SIGUSR1; requeue and pass --resume auto
@@ -109,8 +110,10 @@ class TrainConfig:
     cpu_threads: int = 0                  # CPU training: torch threads per process (0 = cores left by the workers)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """Training cannot go on (e.g. the loss keeps being non-finite); one line saying why and what to try."""
+
+    exit_status = EXIT_FAILED
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -165,31 +168,10 @@ def accelerator_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 def ensure_synthetic(cfg: TrainConfig) -> Path:
     """The synthetic cohort's store under ``<out>/../_synthetic/``: generated and preprocessed once, then reused."""
-    from preprocess.cli import main as preprocess_main
-    from preprocess.synthetic import generate
-
     s = cfg.synthetic
-    root = Path(cfg.out).resolve().parent / "_synthetic"
-    final = root / f"mr-p{s.patients}-s{s.seed}-v{s.val_fraction:g}"
-    store = final / "t1in.zarr"
-    if (store / "zarr.json").is_file():
-        return store
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    workers = max(1, min(4, os.cpu_count() or 1))
-    console.print(f"Generating the synthetic cohort ({s.patients} MR patients, T1 in-phase) in {final} …")
-    generate(tmp / "chaos", patients=s.patients, modality="mr", seed=s.seed, sequences=("t1-in",), workers=workers)
-    code = preprocess_main([str(tmp / "chaos"), str(tmp / "t1in.zarr"), "--modality", "t1-in",
-                            "--val-fraction", str(s.val_fraction), "--seed", str(s.seed),
-                            "--workers", str(workers)])
-    if code != 0:
-        raise StoreError(f"{tmp}: preprocessing the synthetic cohort failed (exit {code})")
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another process finished first: use its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return store
+    final = Path(cfg.out).resolve().parent / "_synthetic" / f"mr-p{s.patients}-s{s.seed}-v{s.val_fraction:g}"
+    return synthetic_store(final, s.patients, s.seed, s.val_fraction, workers=max(1, min(4, os.cpu_count() or 1)),
+                           show_progress=True, log=console.print)
 
 
 @dataclass(frozen=True)

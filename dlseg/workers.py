@@ -38,8 +38,8 @@ def die_with_parent(parent_pid: int, interval_s: float = WATCHDOG_INTERVAL_S) ->
     threading.Thread(target=watch, name="dlseg-parent-watchdog", daemon=True).start()
 
 
-def one_core() -> None:
-    """Limit the libraries' thread pools in this process to one thread."""
+def one_core(_worker_id: int | None = None) -> None:
+    """Limit the libraries' thread pools in this process to one thread (also a DataLoader ``worker_init_fn``)."""
     import cv2
     import zarr
 

@@ -1,253 +1,36 @@
-"""``python -m preprocess SRC OUT.zarr``: a CHAOS tree → one Zarr store, in parallel, resumable.
+"""``python -m preprocess SRC OUT.zarr [options]``: a CHAOS tree → one Zarr store (see :mod:`dlseg.preprocessing`).
 
 Exit status: 0 every case converted (or unchanged), 1 some cases failed (the rest written), 2 unusable arguments.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, wait
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
-from functools import partial
-from pathlib import Path
-from typing import Any, Callable, Generator, Iterator
 
-from rich.markup import escape
-from rich.table import Table
+from dlseg.config import parse_args
+from dlseg.console import print_error, run_entry
+from dlseg.preprocessing.pipeline import PreprocessConfig, print_report, run
 
-from dlseg.console import console, err_console, make_progress
-from dlseg.store import StoreError, StoreWriter
-from dlseg.workers import spawn_pool
-
-from .convert import CaseResult, process_case
-from .errors import Failure, UsageError
-from .layout import LABELS, MODALITIES, CaseSource, discover
-from .masks import label_map
-from .qa import qa_dir_for
-from .split import SplitConfig, build_split, split_patients, validate
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DESCRIPTION = "Convert a CHAOS-layout cohort (DICOM + ground-truth PNGs) into one Zarr store."
 
 
-def default_workers() -> int:
-    """One worker per CPU core, at most 8 (each holds about one case in memory)."""
-    return max(1, min(os.cpu_count() or 1, 8))
-
-
-@dataclass
-class PreprocessConfig:
-    """Everything one preprocessing run needs."""
-
-    src: str
-    out: str
-    modality: str = "t1-in"
-    labels: str = "liver"
-    workers: int = field(default_factory=default_workers)
-    seed: int = 0
-    val_fraction: float = 0.2
-    folds: int | None = None
-    fold: int | None = None
-    split_file: str | None = None
-    qa: bool = False
-
-    def split_config(self) -> SplitConfig:
-        return SplitConfig(self.seed, self.val_fraction, self.folds, self.fold, self.split_file)
-
-
-@dataclass
-class RunReport:
-    """The outcome of a run: what was written, skipped, removed, failed, and the root attributes."""
-
-    written: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
-    notes: dict[str, list[str]] = field(default_factory=dict)
-    root: dict[str, Any] = field(default_factory=dict)
-    qa_dir: str | None = None
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_FAILED if self.failures else EXIT_OK
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
-    p = argparse.ArgumentParser(
-        prog="python -m preprocess",
-        description="Convert a CHAOS-layout cohort (DICOM + ground-truth PNGs) into one Zarr store.",
-    )
-    p.add_argument("src", metavar="SRC", help="folder holding Train_Sets/ (or Train_Sets/ itself, a folder with CT/ and/or MR/, or Test_Sets/)")
-    p.add_argument("out", metavar="OUT.zarr", help="output store, e.g. data/chaos.zarr (re-running resumes and skips unchanged cases)")
-    p.add_argument("--modality", choices=MODALITIES, default="t1-in", help="sequence(s) to convert (default: t1-in)")
-    p.add_argument("--labels", choices=LABELS, default="liver", help="liver: 0/1; organs: 0..4 (default: liver)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="parallel processes (default: CPU cores, max 8)")
-    p.add_argument("--seed", type=int, default=0, help="split seed (default: 0)")
-    split = p.add_mutually_exclusive_group()
-    split.add_argument("--val-fraction", type=float, default=0.2, help="fraction of patients for val (default: 0.2)")
-    split.add_argument("--folds", type=int, help="k-fold split: number of folds (with --fold)")
-    split.add_argument("--split-file", help='JSON {"train": [patients], "val": [patients]}; a patient is "5" or "MR-5"')
-    p.add_argument("--fold", type=int, help="k-fold split: which fold is val (0-based)")
-    p.add_argument("--qa", action="store_true", help="write OUT.qa/<case>.png with mask contours on a few slices")
-    return p
-
-
-def parse_args(argv: list[str] | None) -> PreprocessConfig:
-    """argv → PreprocessConfig (argparse exits 2 on unusable arguments)."""
-    a = build_parser().parse_args(argv)
-    return PreprocessConfig(
-        src=a.src, out=a.out, modality=a.modality, labels=a.labels, workers=a.workers, seed=a.seed,
-        val_fraction=a.val_fraction, folds=a.folds, fold=a.fold, split_file=a.split_file, qa=a.qa,
-    )
-
-
-def check_config(cfg: PreprocessConfig) -> None:
-    """Reject unusable options before any work (UsageError → exit 2)."""
-    validate(cfg.split_config())
-    if cfg.workers < 1:
-        raise UsageError(f"--workers {cfg.workers}: need at least 1")
-    if cfg.split_file and not Path(cfg.split_file).is_file():
-        raise UsageError(f"{cfg.split_file}: split file not found")
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "zarr.json").is_file():
-        raise UsageError(f"{out}: folder is not empty and is not a Zarr store; choose another output")
-
-
-WORKER_DIED = "worker process died converting this case (a crash in a decoder, or out of memory); the other cases went on"
-
-
-def convert_in_pool(workers: int, todo: deque[CaseSource], job: Callable[[CaseSource], CaseResult],
-                    ) -> Generator[CaseResult, None, list[CaseSource]]:
-    """Convert the cases of ``todo`` (consumed) in a fresh pool of spawned workers; yield results as they finish.
-
-    At most two cases per worker are handed over at a time, so that when a worker dies (the pool is then
-    broken) only those few are in doubt: they are returned, and the cases still in ``todo`` were not started.
-    """
-    pool = spawn_pool(workers)
-    running: dict[Future, CaseSource] = {}
-    try:
-        while todo or running:
-            while todo and len(running) < 2 * workers:
-                src = todo.popleft()
-                running[pool.submit(job, src)] = src
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            broken = []
-            for fut in done:
-                src = running.pop(fut)
-                if isinstance(fut.exception(), BrokenProcessPool):
-                    broken.append(src)
-                else:
-                    yield fut.result()  # process_case reports bad input as a result; anything else is a bug
-            if broken:
-                return broken + list(running.values())
-        return []
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def run_cases(cfg: PreprocessConfig, sources: list[CaseSource], qa_dir: str | None,
-              convert: Callable[..., CaseResult] = process_case) -> Iterator[CaseResult]:
-    """Convert cases in spawned worker processes (``dlseg.workers``: one core each, gone with this process);
-    yield results as they finish.
-
-    The main process only hands out cases and collects results, so a crash in a native decoder or the kernel's
-    OOM killer takes down a worker, never the run: the cases that worker may have held are retried one at a
-    time, each alone in a fresh process; the one that dies again fails alone and the cohort goes on.
-    """
-    job = partial(convert, cfg.out, labels=cfg.labels, qa_dir=qa_dir)
-    todo = deque(sources)
-    while todo:
-        suspects = yield from convert_in_pool(max(1, min(cfg.workers, len(todo))), todo, job)
-        for src in suspects:
-            if (yield from convert_in_pool(1, deque([src]), job)):
-                yield CaseResult(src.case_id, "failed", len(src.image_files), path=src.relative(src.image_files[:1])[0],
-                                 reason=WORKER_DIED, subject=src.subject)
-
-
-def run(cfg: PreprocessConfig, show_progress: bool = True) -> RunReport:
-    """Discover, convert (skipping unchanged cases), drop stale ones, split by patient, finalize the store."""
-    check_config(cfg)
-    sources, failures = discover(cfg.src, cfg.modality, cfg.labels)
-    subjects = {s.subject for s in sources if s.group == "train"} | {f.subject for f in failures if f.subject}
-    sides = split_patients(sorted(subjects), cfg.split_config())
-    writer = StoreWriter(cfg.out)
-    writer.clean_partial()
-    report = RunReport(failures=list(failures))
-    qa_dir = str(qa_dir_for(cfg.out)) if cfg.qa else None
-    report.qa_dir = qa_dir
-    total = sum(len(s.image_files) for s in sources)
-    with make_progress(unit="slices", disable=None if show_progress else True) as progress:
-        task = progress.add_task("preprocess", total=total, info=f"0/{len(sources)} cases")
-        for done, res in enumerate(run_cases(cfg, sources, qa_dir), start=1):
-            if res.status == "failed":
-                report.failures.append(Failure(res.case_id, res.path, res.reason, res.subject))
-            else:
-                (report.written if res.status == "written" else report.skipped).append(res.case_id)
-            if res.notes:
-                report.notes[res.case_id] = res.notes
-            progress.update(task, advance=res.slices, info=f"{done}/{len(sources)} cases, {len(report.failures)} failed")
-    writer.clean_partial()  # no worker is left; drop the empty staging folder
-    failed_ids = {f.case_id for f in report.failures}
-    wanted = {s.case_id for s in sources} - failed_ids
-    for cid in writer.case_ids():
-        if cid not in wanted:
-            writer.remove_case(cid)
-            report.removed.append(cid)
-    present = {s.case_id: {"subject": s.subject, "labeled": s.labeled} for s in sources if s.case_id in wanted}
-    split = build_split(present, sides, cfg.split_config())
-    report.root = writer.finalize(split, label_map(cfg.labels))
-    return report
-
-
-def print_report(report: RunReport, cfg: PreprocessConfig) -> None:
-    """Summary, notes, split and the failures table (main process only)."""
-    for cid, notes in sorted(report.notes.items()):
-        for note in notes:
-            console.print(f"[yellow]note[/] {escape(cid)}: {escape(note)}", highlight=False)
-    split = report.root.get("split", {})
-    console.print(
-        f"{escape(cfg.out)}: {len(report.written)} written, {len(report.skipped)} unchanged, "
-        f"{len(report.failures)} failed, {len(report.removed)} removed; "
-        f"split {split.get('method')}: {len(split.get('train', []))} train / {len(split.get('val', []))} val / "
-        f"{len(split.get('unlabeled', []))} unlabeled cases", highlight=False, soft_wrap=True,
-    )
-    if report.qa_dir:
-        console.print(f"QA pictures: {escape(report.qa_dir)}/<case>.png", highlight=False)
-    if report.failures:
-        table = Table(title=f"{len(report.failures)} failed case(s)", title_style="bold red")
-        for col in ("case", "file", "reason"):
-            table.add_column(col, overflow="fold")
-        for f in sorted(report.failures, key=lambda f: f.case_id):
-            table.add_row(escape(f.case_id), escape(f.path), escape(f.reason))
-        console.print(table)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: returns the exit status (0 ok, 1 some cases failed, 2 unusable arguments)."""
-    try:
-        cfg = parse_args(argv)
-    except SystemExit as e:  # argparse already printed usage and the reason
-        return int(e.code or 0)
+def _main(argv: list[str] | None) -> int:
+    cfg = parse_args(PreprocessConfig, argv, prog="python -m preprocess", description=DESCRIPTION)
     try:
         report = run(cfg)
-    except (UsageError, StoreError) as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        return EXIT_USAGE
     except OSError as e:  # e.g. OUT cannot be created or written
-        err_console.print(f"[bold red]error:[/] {escape(f'{e.filename or cfg.out}: {e.strerror or e}')}",
-                          highlight=False, soft_wrap=True)
-        return EXIT_USAGE
+        print_error(f"{e.filename or cfg.out}: {e.strerror or e}")
+        return 2
     except KeyboardInterrupt:
-        err_console.print("interrupted; re-run the same command to resume", highlight=False)
+        print_error("interrupted; re-run the same command to resume")
         return 130
     print_report(report, cfg)
     return report.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0 ok, 1 some cases failed, 2 unusable arguments (one line, no traceback)."""
+    return run_entry(lambda: _main(argv))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def chaos_ct_case() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A tiny synthetic CHAOS tree (both modalities, 6 patients, small slices) shared by the session."""
-    from preprocess.synthetic import generate
+    from dlseg.synthetic import generate
 
     out = tmp_path_factory.mktemp("synthetic")
     generate(out, patients=6, modality="both", seed=0, size_range=(48, 64), slices_range=(10, 14))

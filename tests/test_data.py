@@ -461,9 +461,6 @@ def test_train_loader_refuses_a_split_smaller_than_a_batch(tiny_store):
 
 
 def test_items_match_on_the_synthetic_store(request):
-    synthetic, cli = pytest.importorskip("preprocess.synthetic"), pytest.importorskip("preprocess.cli")
-    if not (hasattr(synthetic, "generate") and hasattr(cli, "main")):
-        pytest.skip("preprocess.synthetic / preprocess.cli not landed yet")
     store_path = request.getfixturevalue("synthetic_store")
     cfg = _cfg(context_slices=1)
     store = Store(store_path)

@@ -29,8 +29,8 @@ from dlseg.predictor import (
     PredictConfig, Predictor, Shard, clean_stale, context_inputs, largest_component, nifti_affine, predict_cohort,
     slice_names,
 )
-from preprocess.dicom import read_series
-from preprocess.layout import discover
+from dlseg.sources.dicom import read_series
+from dlseg.sources.layout import discover
 
 REPO = Path(__file__).resolve().parents[1]
 BAND = 2e-4   # batch size changes CPU conv results by ~1e-7; pixels this close to the threshold may flip

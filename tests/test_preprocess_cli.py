@@ -21,7 +21,9 @@ from pydicom.data import get_testdata_file
 
 from dlseg.normalize import intensity_stats
 from dlseg.store import Store, StoreError
-from preprocess.cli import main, run
+from dlseg.config import parse_args
+from dlseg.preprocessing.pipeline import WORKER_DIED, PreprocessConfig, run, run_cases
+from preprocess.cli import main
 from test_preprocess_helpers import make_ct_patient, make_mr_patient, read_sources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,8 +164,8 @@ def test_split_is_deterministic_kfold_and_file(cohort, tmp_path):
 
 
 def run_args(src, out, *extra):
-    from preprocess.cli import parse_args
-    return run(parse_args([str(src), str(out), "--workers", "1", *extra]), show_progress=False)
+    return run(parse_args(PreprocessConfig, [str(src), str(out), "--workers", "1", *extra], "preprocess", ""),
+               show_progress=False)
 
 
 def test_resume_skips_unchanged_and_replaces_partial(cohort, tmp_path):
@@ -291,8 +293,8 @@ def test_unusable_arguments_exit_2(cohort, tmp_path, capsys, args, message):
 
 
 def test_unexpected_library_error_fails_the_case_alone(tmp_path, monkeypatch):
-    import preprocess.convert as convert
-    from preprocess.layout import discover
+    import dlseg.preprocessing.convert as convert
+    from dlseg.sources.layout import discover
 
     make_ct_patient(tmp_path, "1", n=2)
     (case,), _ = discover(tmp_path, "ct")
@@ -306,9 +308,9 @@ def test_unexpected_library_error_fails_the_case_alone(tmp_path, monkeypatch):
 
 
 def test_non_image_object_changes_pairing_counts(tmp_path):
-    from preprocess.convert import convert_case
-    from preprocess.errors import CaseError
-    from preprocess.layout import discover
+    from dlseg.preprocessing.convert import convert_case
+    from dlseg.errors import CaseError
+    from dlseg.sources.layout import discover
     from test_preprocess_helpers import write_sr
 
     make_ct_patient(tmp_path, "1", n=3, masks=4)
@@ -329,7 +331,7 @@ def test_non_image_object_changes_pairing_counts(tmp_path):
 
 def die_on_ct_2(store_path, src, labels, qa_dir):
     """A converter whose worker process dies on case CT-2 (as a decoder crash or the OOM killer would do)."""
-    from preprocess.convert import process_case
+    from dlseg.preprocessing.convert import process_case
     if src.case_id == "CT-2":
         os._exit(70)
     return process_case(store_path, src, labels, qa_dir)
@@ -339,15 +341,14 @@ def report_threads(store_path, src, labels, qa_dir):
     """A converter that reports the worker's thread budget instead of converting."""
     import cv2
     import zarr
-    from preprocess.convert import CaseResult
+    from dlseg.preprocessing.convert import CaseResult
     return CaseResult(src.case_id, "skipped", 0, notes=[f"{cv2.getNumThreads()},{zarr.config.get('threading.max_workers')}",
                                                          str(os.getpid())])
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_dying_worker_fails_its_case_alone(tmp_path, workers):
-    from preprocess.cli import WORKER_DIED, PreprocessConfig, run_cases
-    from preprocess.layout import discover
+    from dlseg.sources.layout import discover
     src = tmp_path / "src"
     for p in range(1, 6):
         make_ct_patient(src, str(p), n=3, seed=p)
@@ -364,8 +365,7 @@ def test_a_dying_worker_fails_its_case_alone(tmp_path, workers):
 
 
 def test_workers_are_spawned_with_one_core_each(tmp_path):
-    from preprocess.cli import PreprocessConfig, run_cases
-    from preprocess.layout import discover
+    from dlseg.sources.layout import discover
     src = tmp_path / "src"
     for p in range(1, 4):
         make_ct_patient(src, str(p), n=2, seed=p)

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from preprocess.errors import UsageError
-from preprocess.layout import discover, natural_sorted
+from dlseg.errors import UsageError
+from dlseg.sources.layout import discover, natural_sorted
 from test_preprocess_helpers import make_ct_patient, make_mr_patient, write_sr
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from preprocess.errors import UsageError
-from preprocess.split import SplitConfig, build_split, split_patients, val_count
+from dlseg.errors import UsageError
+from dlseg.preprocessing.split import SplitConfig, build_split, split_patients, val_count
 
 SUBJECTS = [f"MR-{p}" for p in (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)]
 

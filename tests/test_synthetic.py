@@ -14,8 +14,8 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import CTImageStorage, MRImageStorage
 
-from preprocess import synthetic
-from preprocess.synthetic import generate, main
+from dlseg import synthetic
+from dlseg.synthetic import generate, main
 
 MR_VALUES = {0, 63, 126, 189, 252}
 TINY = dict(size_range=(40, 48), slices_range=(8, 10))
@@ -263,7 +263,7 @@ def test_rerun_replaces_a_patient_and_a_failed_patient_leaves_nothing(tmp_path, 
 
 
 def test_scratch_of_a_killed_run_is_not_a_patient(tmp_path):
-    from preprocess.layout import discover
+    from dlseg.sources.layout import discover
 
     generate(tmp_path, patients=2, modality="mr", seed=0, **TINY)
     scratch = tmp_path / ".synthetic-tmp"                                # what kill -9 mid-patient leaves

@@ -82,9 +82,7 @@ def test_config_precedence_defaults_recipe_cli(tmp_path):
     (["--trackers", "no_such_tracker"], "trackers"),
 ])
 def test_config_errors_exit_2_naming_the_key(argv, key, capsys, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        train_main([*argv, "--out", str(tmp_path / "r")])
-    assert e.value.code == 2
+    assert train_main([*argv, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert key in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 

@@ -17,6 +17,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
+import albumentations
+import cv2
+import numpy
+import pydicom
+import torch
+import zarr
+
+from dlseg.console import console
+from dlseg.predictor import PredictConfig
+from dlseg.preprocessing.synthetic_store import CHAOS_NAME, STORE_NAME, synthetic_store
+from dlseg.store import CHUNK_BYTES
+
 STAGES = ("loader", "augment", "preprocess", "predict", "train")
 MB = 1 << 20
 
@@ -59,8 +71,6 @@ class BenchConfig:
 
     def with_predict_defaults(self) -> "BenchConfig":
         """This config with prediction's batch size and workers as ``dlseg/predict.py`` picks them on the device."""
-        from dlseg.predictor import PredictConfig
-
         pc = PredictConfig(batch_size=self.predict_batch_size, workers=self.predict_workers).for_device(self.device)
         return replace(self, predict_batch_size=pc.batch_size, predict_workers=pc.workers)
 
@@ -152,7 +162,6 @@ def memory_check(name: str, value: float, reference: float, goal_max: float | No
 def sync(device: str) -> None:
     """Wait for queued accelerator work (no-op on CPU)."""
     if device.startswith("cuda"):
-        import torch
         torch.cuda.synchronize()
 
 
@@ -221,8 +230,6 @@ def peak_rss_mb() -> dict[str, float]:
 @contextmanager
 def quiet_console() -> Iterator[None]:
     """Silence dlseg's console (progress bars, per-epoch tables) while a stage runs; restore it afterwards."""
-    from dlseg.console import console
-
     before = console.quiet
     console.quiet = True
     try:
@@ -234,8 +241,6 @@ def quiet_console() -> Iterator[None]:
 def set_threads(threads: int) -> None:
     """Intra-op threads of torch and OpenCV in this process (0 leaves the libraries' defaults)."""
     if threads > 0:
-        import cv2
-        import torch
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
 
@@ -310,13 +315,6 @@ def cpu_model() -> str:
 
 def machine_info(device: str) -> dict[str, Any]:
     """What the numbers were measured on."""
-    import albumentations
-    import cv2
-    import numpy
-    import pydicom
-    import torch
-    import zarr
-
     info: dict[str, Any] = {
         "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
@@ -351,7 +349,6 @@ class Cohort:
 def cohort_name(cfg: BenchConfig) -> str:
     """Folder name of the synthetic cohort for these settings (and the store's chunk size: a cohort written with
     another layout is not reused, or the loader would be timed on it)."""
-    from dlseg.store import CHUNK_BYTES
     return (f"mr-p{cfg.patients}-s{cfg.seed}-px{cfg.synth_size[0]}-{cfg.synth_size[1]}"
             f"-z{cfg.synth_slices[0]}-{cfg.synth_slices[1]}-c{CHUNK_BYTES >> 10}k")
 
@@ -364,27 +361,9 @@ def ensure_cohort(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
         root.mkdir(parents=True, exist_ok=True)
         return Cohort(Path(cfg.source) if cfg.source else None, store, root)
     final = Path(cfg.cache_dir) / cohort_name(cfg)
-    store = final / "t1in.zarr"
-    if (store / "zarr.json").is_file() and (final / "chaos").is_dir():
-        return Cohort(final / "chaos", store, final)
-    from preprocess.cli import PreprocessConfig, run
-    from preprocess.synthetic import generate
-
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    log(f"generating the synthetic cohort ({cfg.patients} MR patients) in {final} (once) …")
-    generate(tmp / "chaos", patients=cfg.patients, modality="mr", seed=cfg.seed, size_range=cfg.synth_size,
-             slices_range=cfg.synth_slices)
-    report = run(PreprocessConfig(src=str(tmp / "chaos"), out=str(tmp / "t1in.zarr"), modality="t1-in",
-                                  seed=cfg.seed, val_fraction=0.2), show_progress=False)
-    if report.failures:
-        raise RuntimeError(f"{tmp}: preprocessing the synthetic cohort failed for {len(report.failures)} case(s)")
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another run finished first: use its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return Cohort(final / "chaos", final / "t1in.zarr", final)
+    synthetic_store(final, cfg.patients, cfg.seed, 0.2, size_range=cfg.synth_size, slices_range=cfg.synth_slices,
+                    log=log)
+    return Cohort(final / CHAOS_NAME, final / STORE_NAME, final)
 
 
 def replicated_tree(chaos: Path, n_cases: int, out: Path) -> Path:

@@ -32,6 +32,9 @@ from pydicom.pixels import apply_rescale
 
 from dlseg.data import MB, DataConfig, EpochSampler, SliceDataset, build_train_loader
 from dlseg.normalize import NormConfig, ResizeMapping, normalize
+from dlseg.sources.layout import discover
+from dlseg.sources.masks import lookup_table
+from dlseg.store import Store
 
 from .common import BenchConfig, BenchSkip, Cohort, Comparison, StageResult, Timing, measure
 
@@ -49,9 +52,6 @@ class DicomPerSample:
     """The article's loader: decode the slice's DICOM file and ground-truth PNG for every sample."""
 
     def __init__(self, dataset: SliceDataset, chaos, size: int):
-        from preprocess.layout import discover
-        from preprocess.masks import lookup_table
-
         store = dataset.cache.store()
         sources = {s.case_id: s for s in discover(chaos, "t1-in", "liver")[0]}
         missing = [c for c in dataset.case_ids if c not in sources]
@@ -138,8 +138,6 @@ def epoch_order(dataset: SliceDataset, seed: int, block_cases: int | None = None
 
 def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     """Measure the loader and its baselines; see the module docstring."""
-    from dlseg.store import Store
-
     res = StageResult("loader", "samples/s")
     cases = Store(cohort.store).split_cases("train")
     data_cfg = DataConfig(size=cfg.size, workers=0, cache_mb=1 << 16)

@@ -96,7 +96,7 @@ def prepared_slices(predictor, store_path: Path) -> torch.Tensor:
 def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     """Measure end-to-end prediction, its ceiling and the slice-by-slice baseline; memory at two cohort sizes."""
     from dlseg.predictor import Predictor, slicewise_baseline
-    from preprocess.layout import discover
+    from dlseg.sources.layout import discover
 
     if cohort.chaos is None:
         raise BenchSkip("needs DICOM folders (--source) to predict from")

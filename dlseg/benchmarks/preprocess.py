@@ -1,8 +1,8 @@
 """Preprocess stage: ``python -m preprocess`` slices/s with 1 and N workers vs decoding alone, and memory per worker.
 
-* ``decode_only``: ``preprocess.convert.decode_case`` over every case in one process (read DICOM + PNG, nothing
+* ``decode_only``: ``dlseg.preprocessing.convert.decode_case`` over every case in one process (read DICOM + PNG, nothing
   written): the work no converter can avoid;
-* ``workers_1`` / ``workers_N``: ``preprocess.cli.run`` into a fresh store (statistics, compression, atomic
+* ``workers_1`` / ``workers_N``: ``dlseg.preprocessing.pipeline.run`` into a fresh store (statistics, compression, atomic
   writes, split), each in its own process so that its peak memory is its own; with N workers the largest
   worker's peak is the per-worker figure (spawned pool processes). The 1-worker run is held to one CPU core and
   the N-worker run to N cores (``sched_setaffinity``), so that parallel efficiency is speed-up per core: a lone
@@ -24,6 +24,10 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+from dlseg.preprocessing import pipeline
+from dlseg.preprocessing.convert import decode_case
+from dlseg.sources.layout import discover
+
 from .common import (
     MB, BenchConfig, BenchSkip, Cohort, Comparison, StageResult, Timing, isolated, memory_check, replicated_tree,
 )
@@ -34,9 +38,6 @@ ROUNDS = 2    # each run is repeated this many times, in alternating order; rate
 
 def decode_all(chaos: str) -> dict:
     """Decode every T1-in case once in this process; slices, seconds and the largest case's bytes."""
-    from preprocess.convert import decode_case
-    from preprocess.layout import discover
-
     sources = discover(chaos, "t1-in", "liver")[0]
     start, slices, largest, total = time.perf_counter(), 0, 0, 0
     for src in sources:
@@ -69,12 +70,10 @@ def held_to(cores: int) -> Iterator[None]:
 
 def convert_all(chaos: str, out: str, workers: int) -> dict:
     """``python -m preprocess`` (library call) into a fresh store with ``workers`` processes, on as many cores."""
-    from preprocess.cli import PreprocessConfig, run
-
     shutil.rmtree(out, ignore_errors=True)
     with held_to(workers):
         start = time.perf_counter()
-        report = run(PreprocessConfig(src=chaos, out=out, modality="t1-in", workers=workers), show_progress=False)
+        report = pipeline.run(pipeline.PreprocessConfig(src=chaos, out=out, modality="t1-in", workers=workers), show_progress=False)
         seconds = time.perf_counter() - start
     if report.failures:
         raise RuntimeError(f"{out}: {len(report.failures)} case(s) failed to convert")
@@ -85,14 +84,13 @@ def convert_all(chaos: str, out: str, workers: int) -> dict:
 
 def idle_worker() -> dict:
     """Import what a conversion worker imports, do nothing (its peak memory is the floor)."""
-    import preprocess.convert  # noqa: F401
+    import dlseg.preprocessing.convert  # noqa: F401
     return {}
 
 
 def default_workers(cfg: BenchConfig) -> int:
     """N for the parallel run: the configured count, else what ``python -m preprocess`` would use."""
-    from preprocess.cli import default_workers as cli_default
-    return cfg.preprocess_workers or max(2, cli_default())
+    return cfg.preprocess_workers or max(2, pipeline.default_workers())
 
 
 def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:

@@ -11,10 +11,11 @@ import numpy as np
 from dlseg.normalize import intensity_stats
 from dlseg.store import CaseData, StoreWriter, fingerprint_files
 
-from .dicom import Volume, read_series
-from .errors import CaseError, one_line
-from .layout import CaseSource
-from .masks import read_masks
+from dlseg.preprocessing.qa import write_qa
+from dlseg.sources.dicom import Volume, read_series
+from dlseg.errors import CaseError, one_line
+from dlseg.sources.layout import CaseSource
+from dlseg.sources.masks import read_masks
 
 CONVERTER_VERSION = 1  # bump when conversion output changes for the same sources
 
@@ -104,7 +105,6 @@ def process_case(store_path: str, src: CaseSource, labels: str, qa_dir: str | No
         case = convert_case(src, labels, fingerprint)
         writer.write_case(case)
         if qa_png is not None:
-            from .qa import write_qa
             write_qa(qa_png, case.image, case.mask, case.attrs["stats"], src.modality, src.case_id)
         return CaseResult(src.case_id, "written", n, notes=case.attrs["notes"], subject=src.subject)
     except CaseError as e:

@@ -14,13 +14,14 @@ Unlabeled cases (``Test_Sets/``) keep the natural name order (``order="name"``).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dlseg.store import sanitize_case_id
 
-from .errors import CaseError, Failure, UsageError
+from dlseg.errors import CaseError, Failure, UsageError
+from dlseg.sources.dicom import split_image_files
+from dlseg.sources.files import natural_sorted
 
 MODALITIES = ("t1-in", "t1-out", "t2", "ct", "all")
 LABELS = ("liver", "organs")
@@ -74,17 +75,6 @@ class CaseSource:
         if paths is None:
             return None
         return [Path(os.path.relpath(p, self.root)).as_posix() for p in paths]
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that orders embedded numbers numerically: ``2 < 10``, ``i0009 < i0010``."""
-    parts = tuple((0, int(t), "") if t.isdigit() else (1, 0, t.casefold()) for t in re.split(r"(\d+)", name) if t)
-    return parts + ((2, 0, name),)
-
-
-def natural_sorted(paths) -> list[Path]:
-    """Paths sorted by the natural order of their names."""
-    return sorted((Path(p) for p in paths), key=lambda p: natural_key(p.name))
 
 
 def case_id_for(patient: str, layout: SequenceLayout, group: str) -> str:
@@ -198,8 +188,6 @@ def find_case(root: Path, patient_dir: Path, layout: SequenceLayout, group: str)
 
 def pair_without_non_images(case: CaseSource, masks: list[Path]) -> tuple[list[Path], str] | None:
     """Retry pairing after dropping non-image DICOM objects (SR, RT, presentation states) from the folder."""
-    from .dicom import split_image_files
-
     images, skipped = split_image_files(case.image_files)
     if not skipped:
         return None

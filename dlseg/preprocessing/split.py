@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
-from .layout import natural_key
+from dlseg.errors import UsageError
+from dlseg.sources.files import natural_key
 
 
 @dataclass(frozen=True)

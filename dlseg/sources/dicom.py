@@ -17,8 +17,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 
-from .errors import CaseError, one_line
-from .layout import natural_key, natural_sorted
+from dlseg.errors import CaseError, one_line
+from dlseg.sources.files import natural_key, natural_sorted
 
 JPEG_EXTRA = 'pip install "dlseg[jpeg]"'
 # Objects that may carry Rows/Columns or even pixel data but are not slices of an image series.

@@ -1,0 +1,58 @@
+"""Files that are never seen half-written: temporary name, write, rename; folders installed whole; file hashing.
+
+A temporary file is ``.<name>.<8 hex>.tmp`` beside its target (readers and resume logic skip such names).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh temporary name beside ``path``: ``.<name>.<8 hex>.tmp``."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any], fsync: bool = False) -> Path:
+    """Call ``save(tmp)`` on a temporary name, then rename it to ``path``; nothing is left behind on failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        save(tmp)
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = False) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` through a temporary name."""
+    payload = data.encode() if isinstance(data, str) else data
+    return atomic_save(path, lambda tmp: tmp.write_bytes(payload), fsync=fsync)
+
+
+def install_dir(tmp: Path, final: Path, aside: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``final``; an existing ``final`` is first renamed to ``aside``
+    (same file system) and removed after, so ``final`` is always one whole version."""
+    if final.exists():
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def hash_file(h: Any, path: str | os.PathLike) -> None:
+    """Feed a file's bytes to the hash object ``h`` in 1 MiB blocks."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)

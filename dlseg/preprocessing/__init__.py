@@ -1,0 +1,1 @@
+"""Preprocessing: source cases → one Zarr store (conversion, patient-level split, QA pictures)."""

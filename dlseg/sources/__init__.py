@@ -1,0 +1,1 @@
+"""Reading inputs: the CHAOS layout, DICOM series, ground-truth masks."""
