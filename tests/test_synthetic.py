@@ -14,8 +14,9 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import CTImageStorage, MRImageStorage
 
-from dlseg import synthetic
-from dlseg.synthetic import generate, main
+from dlseg.errors import ConfigError
+from dlseg.sources.layout import discover
+from dlseg.synthetic import cohort, generate, main
 
 MR_VALUES = {0, 63, 126, 189, 252}
 TINY = dict(size_range=(40, 48), slices_range=(8, 10))
@@ -254,7 +255,7 @@ def test_rerun_replaces_a_patient_and_a_failed_patient_leaves_nothing(tmp_path, 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(synthetic, "write_ground", broken)
+    monkeypatch.setattr(cohort, "write_ground", broken)
     with pytest.raises(OSError):
         generate(tmp_path / "x", patients=1, modality="mr", seed=0, **TINY)
     assert [p for p in (tmp_path / "x").rglob("*") if p.is_file()] == []
@@ -263,8 +264,6 @@ def test_rerun_replaces_a_patient_and_a_failed_patient_leaves_nothing(tmp_path, 
 
 
 def test_scratch_of_a_killed_run_is_not_a_patient(tmp_path):
-    from dlseg.sources.layout import discover
-
     generate(tmp_path, patients=2, modality="mr", seed=0, **TINY)
     scratch = tmp_path / ".synthetic-tmp"                                # what kill -9 mid-patient leaves
     scratch.mkdir()
@@ -274,8 +273,6 @@ def test_scratch_of_a_killed_run_is_not_a_patient(tmp_path):
 
 
 def test_bad_values_raise_config_errors(tmp_path):
-    from dlseg.config import ConfigError
-
     for kwargs in ({"patients": 0}, {"patients": 1, "modality": "pet"}, {"patients": 1, "size_range": (64, 48)},
                    {"patients": 1, "slices_range": (2, 3)}, {"patients": 1, "test_patients": -1},
                    {"patients": 1, "sequences": ("t1",)}, {"patients": 1, "sequences": ()},
