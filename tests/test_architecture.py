@@ -80,8 +80,8 @@ def find_imports(root: Path, packages: tuple[str, ...] = PACKAGES) -> list[Impor
     for module, path in modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
         for node, in_function in _walk(tree):
-            for name in _imported_names(node, module, path.name == "__init__.py"):
-                target = _owner(name, modules)
+            names = _imported_names(node, module, path.name == "__init__.py")
+            for target in dict.fromkeys(_owner(name, modules) for name in names):   # once per statement
                 if target is not None and target != module:
                     found.append(Import(module, target, path.relative_to(root), node.lineno, in_function))
     return found
