@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dlseg.augment import (AugmentConfig, AugmentParams, BatchAugment, SampleTransform, apply_dihedral,
-                           build_cpu_transform, compose_dihedral, seed_transform)
+from dlseg.augment import (AugmentConfig, AugmentParams, BatchAugment, SampleTransform, build_cpu_transform,
+                           seed_transform)
 
 OFF = AugmentConfig(hflip=0, vflip=0, transpose=0, scale=0, rotate90=0, brightness_contrast=0)
 SIZE = 24
@@ -159,6 +159,7 @@ def test_batch_draws_match_configured_probabilities():
 
 def test_batch_dihedral_composition_equals_sequential_ops():
     x = torch.from_numpy(coded_image(6)).view(1, 1, 6, 6)
+    symmetries = BatchAugment(only(hflip=0.5, vflip=0.5, transpose=0.5, rotate90=0.5))
     for bits in range(64):
         h, v, tr, rot, k = bits & 1, bits >> 1 & 1, bits >> 2 & 1, bits >> 3 & 1, bits >> 4
         ref = x
@@ -169,7 +170,7 @@ def test_batch_dihedral_composition_equals_sequential_ops():
         one = lambda b: torch.tensor([bool(b)])  # noqa: E731
         p = AugmentParams(one(h), one(v), one(tr), one(0), torch.ones(1), one(rot), torch.tensor([k]), one(0),
                           torch.ones(1), torch.zeros(1))
-        out, _ = apply_dihedral(x, x[:, 0].long(), *compose_dihedral(p))
+        out, _ = symmetries.apply(x, x[:, 0].long(), p)
         assert torch.equal(out, ref), (h, v, tr, rot, k)
 
 
