@@ -24,7 +24,7 @@ from dlseg.store import Store, StoreError
 from dlseg.config import parse_args
 from dlseg.preprocessing.pipeline import WORKER_DIED, PreprocessConfig, run, run_cases
 from preprocess.cli import main
-from test_preprocess_helpers import make_ct_patient, make_mr_patient, read_sources
+from helpers import make_ct_patient, make_mr_patient, read_sources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -311,7 +311,7 @@ def test_non_image_object_changes_pairing_counts(tmp_path):
     from dlseg.preprocessing.convert import convert_case
     from dlseg.errors import CaseError
     from dlseg.sources.layout import discover
-    from test_preprocess_helpers import write_sr
+    from helpers import write_sr
 
     make_ct_patient(tmp_path, "1", n=3, masks=4)
     write_sr(tmp_path / "CT/1/DICOM_anon/i0003,0000b.dcm")       # 4 files, 4 masks: paired by position

@@ -15,7 +15,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from dlseg.sources.dicom import find_series, read_series
 from dlseg.errors import CaseError
 from dlseg.sources.masks import read_masks
-from test_preprocess_helpers import volume, write_slice, write_sr
+from helpers import volume, write_slice, write_sr
 
 
 def series(tmp_path, n=4, **kw):
