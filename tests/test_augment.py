@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dlseg.augment import (AugmentConfig, AugmentParams, BatchAugment, SampleTransform, build_cpu_transform,
                            seed_transform)
+from dlseg.data import SeededTransform
 
 OFF = AugmentConfig(hflip=0, vflip=0, transpose=0, scale=0, rotate90=0, brightness_contrast=0)
 SIZE = 24
@@ -388,8 +391,6 @@ def test_defaults_are_the_articles():
 
 
 def test_cpu_transform_survives_pickling_for_worker_processes():
-    import pickle
-
     img, mask = coded_image(), label_mask()
     t = build_cpu_transform(AugmentConfig(), seed=9)
     copy = pickle.loads(pickle.dumps(t))
@@ -398,10 +399,6 @@ def test_cpu_transform_survives_pickling_for_worker_processes():
 
 
 def test_sample_transform_is_the_datasets_seeded_interface():
-    import pickle
-
-    from dlseg.data import SeededTransform
-
     img, mask = coded_image(), label_mask()
     t = SampleTransform(AugmentConfig(), seed=0)
     assert isinstance(t, SeededTransform)
@@ -419,8 +416,6 @@ def test_sample_transform_is_the_datasets_seeded_interface():
 
 def reference_batch(image: torch.Tensor, mask: torch.Tensor, params: AugmentParams) -> tuple[torch.Tensor, torch.Tensor]:
     """hflip → vflip → transpose → rot90 per sample with torch ops, then affine_grid/grid_sample zoom (no intensity)."""
-    import torch.nn.functional as F
-
     imgs, masks = [], []
     for i in range(image.shape[0]):
         x, m = image[i:i + 1], mask[i:i + 1].unsqueeze(1).float()
