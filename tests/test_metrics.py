@@ -118,6 +118,7 @@ def test_rotated_geometry_keeps_distances():
     d_plain = ref_distances(p, t, geometry((2.5, 0.7, 0.7), 6))
     d_rot = ref_distances(p, t, geometry((2.5, 0.7, 0.7), 6, angle_deg=30, descending=True))
     np.testing.assert_allclose(d_plain[0], d_rot[0], atol=1e-9)
+    check_against_official(p, t, (2.5, 0.7, 0.7), angle=30, descending=True)   # and so do ours, from spacing alone
 
 
 # ---------------------------------------------------------------- known by hand
