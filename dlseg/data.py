@@ -1,9 +1,9 @@
 """Training and validation data over the store: 2D / 2.5D slices, a per-worker case cache, an epoch sampler.
 
-Reading costs one zarr call per array per *case* (``Store.read_case``), never per sample: zarr-python costs
-~0.5-1 ms per call, copying a prepared slice from memory ~15-40 µs. Each DataLoader worker therefore keeps a
-bounded LRU of *prepared* cases (``normalize.prepare_volume`` / ``prepare_mask`` output at training size), and
-the :class:`EpochSampler` orders an epoch so that a worker touches only a few cases at a time:
+Reading costs one zarr call per array per *case* (``Store.read_case``), never per sample: a zarr call costs far
+more than copying a prepared slice from memory. Each DataLoader worker therefore keeps a bounded LRU of *prepared*
+cases (``normalize.prepare_volume`` / ``prepare_mask`` output at training size), and the :class:`EpochSampler`
+orders an epoch so that a worker touches only a few cases at a time:
 
 * cases are shuffled and cut into blocks of ``block_cases`` (by default as many as fit the per-worker cache,
   at least 2); slices are shuffled within each block; blocks follow each other. With a cache big enough for
@@ -74,8 +74,8 @@ def norm_config(cfg: DataConfig) -> NormConfig:
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """Augmentation seed of one sample: a pure function of (run seed, epoch, dataset index), 32 bits.
 
-    Python's hash of a tuple of ints is fixed (no hash randomization for ints) and costs ~0.1 µs, against
-    ~20 µs for a SeedSequence; the transform's generator mixes the seed again.
+    Python's hash of a tuple of ints is fixed (no hash randomization for ints) and far cheaper than a
+    SeedSequence; the transform's generator mixes the seed again.
     """
     return hash((int(seed), int(epoch), int(index))) & 0xFFFFFFFF
 
@@ -137,12 +137,6 @@ class CaseCache:
             self._store = self.opener(self.store_path)
         return self._store
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, case_id: str) -> bool:
-        return case_id in self._entries
-
     def get(self, case_id: str) -> PreparedCase:
         """The prepared case, from memory when cached, else read (one zarr call per array) and prepared."""
         store = self.store()
@@ -186,8 +180,8 @@ class SliceDataset(Dataset):
     """Slices of labeled store cases at training size: 2D (C=1) or 2.5D (C=2k+1 neighbouring slices).
 
     Items: ``image`` float32 (C,S,S), ``mask`` uint8 (S,S), ``case`` (index into ``case_ids``), ``slice``. Masks
-    travel as uint8 (the losses and metrics take any integer labels): an int64 mask was 2/3 of every batch's bytes
-    through worker shared memory, pinning and the host-to-device copy.
+    travel as uint8 (the losses and metrics take any integer labels): an eighth of int64's bytes through worker
+    shared memory, pinning and the host-to-device copy.
     The index is built from store attributes only; arrays are read lazily through the per-process cache.
     """
 
@@ -206,10 +200,6 @@ class SliceDataset(Dataset):
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
-
-    @property
-    def channels(self) -> int:
-        return 2 * self.cfg.context_slices + 1
 
     @property
     def epoch(self) -> int:

@@ -19,8 +19,8 @@ spacing)`` in mm, and the nearest neighbours come from a KD-tree (``scipy.spatia
 code. The official matrix maps the same indices through orthonormal direction cosines, so the distances are
 identical whenever the slice step is perpendicular to the image plane (axial stacks without gantry tilt: the
 CHAOS data). A KD-tree rather than ``distance_transform_edt(~surface, sampling=spacing)`` (which gives the same
-numbers, see the tests) because it needs memory only for the surface points and is ~10x faster: 3.4 s
-instead of 36 s for two ellipsoids in a 250x512x512 volume on this project's 2-core CPU machine.
+numbers, see the tests) because it needs memory only for the surface points, not for the whole volume, and is
+faster on large volumes.
 
 Not in the official Python code (which divides by zero, or fails in the KD-tree, on an empty mask), defined here:
 
@@ -162,21 +162,6 @@ def _nearest(pts_a: np.ndarray, pts_b: np.ndarray) -> tuple[np.ndarray, np.ndarr
     a_to_b, _ = cKDTree(pts_b).query(pts_a)
     b_to_a, _ = cKDTree(pts_a).query(pts_b)
     return a_to_b, b_to_a
-
-
-def surface_distances(
-    pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest-surface distances in mm: (each prediction surface voxel → truth surface, truth → prediction).
-
-    Both arrays are empty when either mask has no surface voxel (the distances are then undefined).
-    """
-    p, t = _check_pair(pred, truth)
-    s = _check_spacing(spacing)
-    pts_p, pts_t = _surface_points(p, s), _surface_points(t, s)
-    if len(pts_p) == 0 or len(pts_t) == 0:
-        return np.zeros(0), np.zeros(0)
-    return _nearest(pts_p, pts_t)
 
 
 def volume_diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:

@@ -30,11 +30,6 @@ def body_threshold(modality: str, p99: Callable[[], float]) -> float:
     return MR_BODY_FRACTION * float(p99())
 
 
-def body_mask(image: np.ndarray, modality: str) -> np.ndarray:
-    """Boolean mask of voxels inside the body (excludes air), used for statistics only."""
-    return image > body_threshold(modality, lambda: np.percentile(image, 99.0) if image.size else 0.0)
-
-
 def hist_percentiles(levels: np.ndarray, counts: np.ndarray, q: list[float]) -> np.ndarray:
     """``np.percentile(values, q)`` (linear method) of the values ``levels`` (ascending) occurring ``counts`` times.
 

@@ -16,8 +16,8 @@ and its ``complete`` attribute are on disk, so a run killed at any moment leaves
 as a valid case. The root's ``cases`` table is rewritten (atomically, by zarr) by :meth:`StoreWriter.finalize`.
 
 Reading: :meth:`Store.read_case` fetches a whole case with one zarr call per array (one shard file),
-because zarr-python costs ~0.5-1 ms per call regardless of size, and decodes blocks of slices rather than
-one chunk per slice (zarr's per-chunk cost was larger than the decoding); per-slice reads belong in memory.
+because a zarr call has a fixed cost whatever its size, and decodes blocks of slices rather than one chunk
+per slice (zarr's per-chunk cost outweighs decoding a slice); per-slice reads belong in memory.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def chunk_slices(shape: tuple[int, int, int], itemsize: int) -> int:
 def _write_array(group: zarr.Group, name: str, data: np.ndarray) -> None:
     """One array of a case: blocks of whole slices (≈ ``CHUNK_BYTES``) in one shard, i.e. one file per array.
 
-    Blocks rather than one chunk per slice: zarr costs about 0.2-0.3 ms per chunk on top of decoding, which made
-    reading a whole case (the loader's and the predictor's access) 2-3x slower than the decoding itself.
+    Blocks rather than one chunk per slice: zarr's fixed cost per chunk, on top of decoding, would dominate reading
+    a whole case (the loader's and the predictor's access).
     """
     z, h, w = data.shape
     k = chunk_slices(data.shape, data.dtype.itemsize)

@@ -67,8 +67,7 @@ def one_malloc_arena() -> bool:
     """glibc: every thread of this process allocates from one arena (``mallopt(M_ARENA_MAX, 1)``); False elsewhere.
 
     A worker's threads (its own, zarr's event loop and codec thread) otherwise get an arena each, and case buffers
-    freed across them are kept as holes: a preprocessing worker's peak crept from 122 to 144 MB over 160 cases.
-    With one arena it stays within 121-127 MB, and cases convert no slower (87 vs 96 ms a case on one core).
+    freed across them are kept as holes, so a long-running worker's peak memory creeps up case after case.
     Must run before the threads start allocating, i.e. first thing in a worker.
     """
     libc = _glibc()

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from dlseg.synthetic import generate
+from preprocess.cli import main as preprocess_main
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 CHAOS_CT3 = SHARED / "data" / "chaos_sample" / "Train_Sets" / "CT" / "3"
@@ -22,8 +25,6 @@ def chaos_ct_case() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """A tiny synthetic CHAOS tree (both modalities, 6 patients, small slices) shared by the session."""
-    from dlseg.synthetic import generate
-
     out = tmp_path_factory.mktemp("synthetic")
     generate(out, patients=6, modality="both", seed=0, size_range=(48, 64), slices_range=(10, 14))
     return out
@@ -32,9 +33,7 @@ def synthetic_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_store(synthetic_root, tmp_path_factory) -> Path:
     """The synthetic tree preprocessed to a store (MR T1 in-phase, liver, 4 train / 2 val patients)."""
-    from preprocess.cli import main
-
     out = tmp_path_factory.mktemp("store") / "t1in.zarr"
-    code = main([str(synthetic_root), str(out), "--modality", "t1-in", "--val-fraction", "0.34", "--workers", "1"])
+    code = preprocess_main([str(synthetic_root), str(out), "--modality", "t1-in", "--val-fraction", "0.34", "--workers", "1"])
     assert code == 0
     return out

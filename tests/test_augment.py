@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import pickle
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from dlseg.augment import (AugmentConfig, AugmentParams, BatchAugment, SampleTransform, apply_dihedral,
-                           build_cpu_transform, compose_dihedral, seed_transform)
+from dlseg.augment import (AugmentConfig, AugmentParams, BatchAugment, SampleTransform, build_cpu_transform,
+                           seed_transform)
+from dlseg.data import SeededTransform
 
 OFF = AugmentConfig(hflip=0, vflip=0, transpose=0, scale=0, rotate90=0, brightness_contrast=0)
 SIZE = 24
@@ -159,6 +162,7 @@ def test_batch_draws_match_configured_probabilities():
 
 def test_batch_dihedral_composition_equals_sequential_ops():
     x = torch.from_numpy(coded_image(6)).view(1, 1, 6, 6)
+    symmetries = BatchAugment(only(hflip=0.5, vflip=0.5, transpose=0.5, rotate90=0.5))
     for bits in range(64):
         h, v, tr, rot, k = bits & 1, bits >> 1 & 1, bits >> 2 & 1, bits >> 3 & 1, bits >> 4
         ref = x
@@ -169,7 +173,7 @@ def test_batch_dihedral_composition_equals_sequential_ops():
         one = lambda b: torch.tensor([bool(b)])  # noqa: E731
         p = AugmentParams(one(h), one(v), one(tr), one(0), torch.ones(1), one(rot), torch.tensor([k]), one(0),
                           torch.ones(1), torch.zeros(1))
-        out, _ = apply_dihedral(x, x[:, 0].long(), *compose_dihedral(p))
+        out, _ = symmetries.apply(x, x[:, 0].long(), p)
         assert torch.equal(out, ref), (h, v, tr, rot, k)
 
 
@@ -387,8 +391,6 @@ def test_defaults_are_the_articles():
 
 
 def test_cpu_transform_survives_pickling_for_worker_processes():
-    import pickle
-
     img, mask = coded_image(), label_mask()
     t = build_cpu_transform(AugmentConfig(), seed=9)
     copy = pickle.loads(pickle.dumps(t))
@@ -397,10 +399,6 @@ def test_cpu_transform_survives_pickling_for_worker_processes():
 
 
 def test_sample_transform_is_the_datasets_seeded_interface():
-    import pickle
-
-    from dlseg.data import SeededTransform
-
     img, mask = coded_image(), label_mask()
     t = SampleTransform(AugmentConfig(), seed=0)
     assert isinstance(t, SeededTransform)
@@ -418,8 +416,6 @@ def test_sample_transform_is_the_datasets_seeded_interface():
 
 def reference_batch(image: torch.Tensor, mask: torch.Tensor, params: AugmentParams) -> tuple[torch.Tensor, torch.Tensor]:
     """hflip → vflip → transpose → rot90 per sample with torch ops, then affine_grid/grid_sample zoom (no intensity)."""
-    import torch.nn.functional as F
-
     imgs, masks = [], []
     for i in range(image.shape[0]):
         x, m = image[i:i + 1], mask[i:i + 1].unsqueeze(1).float()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dlseg.bench import main
-from dlseg.benchmarks.common import STAGES, BenchConfig, ensure_cohort, finite_positive, run_stage
+from dlseg.benchmarks.common import STAGES, BenchConfig, ensure_cohort, run_stage
 
 TINY = dict(size=32, base_width=4, depth=2, batch_size=4, predict_batch_size=8, predict_workers=0,
             preprocess_workers=2, patients=3, memory_cases=(1, 2), slicewise_cases=1, synth_size=(40, 48),
@@ -26,6 +26,10 @@ def tiny(tmp_path_factory):
     """A tiny config and its synthetic cohort (generated and preprocessed once for the module)."""
     cfg = BenchConfig(cache_dir=str(tmp_path_factory.mktemp("bench")), **TINY)
     return cfg, ensure_cohort(cfg)
+
+
+def finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
 def check_result(res: dict) -> None:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+
+from helpers import TINY_RUN, assert_same_weights, read_weights
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,7 @@ LOCK = Path("/tmp/dlseg-slurm-cluster.lock")
 LOCK_WAIT_S = 300
 JOB_LIMIT_S = 300
 # Trainer arguments shared by every training job (the preemption test compares weights with the single-node run).
-TINY = ["--model.base_width", "4", "--model.depth", "2", "--loader.size", "32", "--loader.batch_size", "4",
-        "--loader.val_batch_size", "8", "--epochs", "2", "--checkpoint_every_steps", "2", "--keep_last", "1"]
+TINY = [*TINY_RUN, "--epochs", "2", "--checkpoint_every_steps", "2", "--keep_last", "1"]
 # Per job: one fake GPU and one CPU per node (workers = CPUs - 1 = 0), a short time limit.
 RESOURCES = ["--gpus-per-node=1", "--cpus-per-task=1", "--time=10"]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -84,17 +83,6 @@ class Cluster:
 def run_logs(run: Path) -> str:
     """All per-job-and-restart logs of a run folder, concatenated (for asserts and failure messages)."""
     return "\n".join(p.read_text(errors="replace") for p in sorted(run.glob("slurm-*-restart*.log")))
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file (no pickle)."""
-    return load_file(str(path))
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
 
 
 def newest_checkpoint(run: Path) -> Path:
@@ -171,7 +159,7 @@ def test_train_single_node(single_run):
     assert (ckpt / "model.safetensors").is_file()
     model = json.loads((single_run / "model" / "model.json").read_text())
     assert model["format"] == "dlseg-model" and model["arch"]["base_width"] == 4
-    assert weights(single_run / "model" / "model.safetensors")
+    assert read_weights(single_run / "model" / "model.safetensors")
     assert "world size 1 " in (single_run / "train.log").read_text()
 
 
@@ -258,10 +246,10 @@ def test_preemption_requeues_and_resumes_exactly_but_cancel_does_not(slurm, sing
     assert not (run / "PREEMPTED").exists()
     # the interrupted-and-resumed run ends with exactly the weights of the uninterrupted one
     assert newest_checkpoint(run).name == newest_checkpoint(single_run).name
-    assert_same_weights(weights(newest_checkpoint(run) / "model.safetensors"),
-                        weights(newest_checkpoint(single_run) / "model.safetensors"))
-    assert_same_weights(weights(run / "model" / "model.safetensors"),
-                        weights(single_run / "model" / "model.safetensors"))
+    assert_same_weights(read_weights(newest_checkpoint(run) / "model.safetensors"),
+                        read_weights(newest_checkpoint(single_run) / "model.safetensors"))
+    assert_same_weights(read_weights(run / "model" / "model.safetensors"),
+                        read_weights(single_run / "model" / "model.safetensors"))
 
 
 def test_predict_array_writes_every_case(slurm, single_run, synthetic_root, tmp_path):

@@ -118,6 +118,7 @@ def test_rotated_geometry_keeps_distances():
     d_plain = ref_distances(p, t, geometry((2.5, 0.7, 0.7), 6))
     d_rot = ref_distances(p, t, geometry((2.5, 0.7, 0.7), 6, angle_deg=30, descending=True))
     np.testing.assert_allclose(d_plain[0], d_rot[0], atol=1e-9)
+    check_against_official(p, t, (2.5, 0.7, 0.7), angle=30, descending=True)   # and so do ours, from spacing alone
 
 
 # ---------------------------------------------------------------- known by hand
@@ -249,10 +250,13 @@ def test_bad_inputs_raise_value_error():
 
 
 def test_distance_transform_gives_the_same_distances():
-    # The docstring's claim: EDT with sampling=spacing on the surfaces equals the KD-tree distances used here.
+    # The docstring's claim: EDT with sampling=spacing on the surfaces gives the metrics of the KD-tree used here.
     shape, spacing = (9, 20, 18), (2.5, 0.7, 0.7)
     pred, truth = blob(shape, 31, 0.05), blob(shape, 32, 0.0)
     sp, st = ref_surface(pred), ref_surface(truth)
-    d_pt, d_tp = metrics.surface_distances(pred, truth, spacing)
-    np.testing.assert_allclose(np.sort(d_pt), np.sort(ndimage.distance_transform_edt(~st, sampling=spacing)[sp]))
-    np.testing.assert_allclose(np.sort(d_tp), np.sort(ndimage.distance_transform_edt(~sp, sampling=spacing)[st]))
+    d_pt = ndimage.distance_transform_edt(~st, sampling=spacing)[sp]
+    d_tp = ndimage.distance_transform_edt(~sp, sampling=spacing)[st]
+    assert metrics.assd(pred, truth, spacing) == pytest.approx(np.concatenate([d_pt, d_tp]).mean(), rel=1e-12)
+    assert metrics.mssd(pred, truth, spacing) == pytest.approx(max(d_pt.max(), d_tp.max()), rel=1e-12)
+    assert metrics.hd95(pred, truth, spacing) == pytest.approx(
+        max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)), rel=1e-12)

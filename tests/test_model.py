@@ -72,8 +72,12 @@ def test_arch_dict_round_trips_through_build_model():
 
 def test_same_arch_gives_loadable_state_dict():
     arch = {"name": "unet", "in_channels": 1, "num_classes": 5, "base_width": 4, "depth": 2, "bilinear": True}
-    a, b = build_model(arch), build_model(dict(arch))
-    b.load_state_dict(a.state_dict(), strict=True)
+    a, b = build_model(arch).eval(), build_model(dict(arch)).eval()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert not torch.equal(a(x), b(x))                   # two random initialisations
+        b.load_state_dict(a.state_dict(), strict=True)
+        assert torch.equal(a(x), b(x))                       # the state dict carries everything the output needs
 
 
 @pytest.mark.parametrize("change, message", [

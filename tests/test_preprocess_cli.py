@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import multiprocessing
 import os
@@ -9,6 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -17,14 +20,20 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+import zarr
 from pydicom.data import get_testdata_file
 
-from dlseg.normalize import intensity_stats
-from dlseg.store import Store, StoreError
+import dlseg.preprocessing.convert as convert
 from dlseg.config import parse_args
+from dlseg.errors import CaseError
+from dlseg.normalize import intensity_stats
+from dlseg.preprocessing.convert import CaseResult, convert_case, process_case
 from dlseg.preprocessing.pipeline import WORKER_DIED, PreprocessConfig, run, run_cases
+from dlseg.sources.layout import discover
+from dlseg.store import Store, StoreError
+from dlseg.workers import spawn_pool
+from helpers import make_ct_patient, make_mr_patient, read_sources, write_sr
 from preprocess.cli import main
-from test_preprocess_helpers import make_ct_patient, make_mr_patient, read_sources
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,9 +302,6 @@ def test_unusable_arguments_exit_2(cohort, tmp_path, capsys, args, message):
 
 
 def test_unexpected_library_error_fails_the_case_alone(tmp_path, monkeypatch):
-    import dlseg.preprocessing.convert as convert
-    from dlseg.sources.layout import discover
-
     make_ct_patient(tmp_path, "1", n=2)
     (case,), _ = discover(tmp_path, "ct")
 
@@ -308,11 +314,6 @@ def test_unexpected_library_error_fails_the_case_alone(tmp_path, monkeypatch):
 
 
 def test_non_image_object_changes_pairing_counts(tmp_path):
-    from dlseg.preprocessing.convert import convert_case
-    from dlseg.errors import CaseError
-    from dlseg.sources.layout import discover
-    from test_preprocess_helpers import write_sr
-
     make_ct_patient(tmp_path, "1", n=3, masks=4)
     write_sr(tmp_path / "CT/1/DICOM_anon/i0003,0000b.dcm")       # 4 files, 4 masks: paired by position
     (case,), _ = discover(tmp_path, "ct")
@@ -331,7 +332,6 @@ def test_non_image_object_changes_pairing_counts(tmp_path):
 
 def die_on_ct_2(store_path, src, labels, qa_dir):
     """A converter whose worker process dies on case CT-2 (as a decoder crash or the OOM killer would do)."""
-    from dlseg.preprocessing.convert import process_case
     if src.case_id == "CT-2":
         os._exit(70)
     return process_case(store_path, src, labels, qa_dir)
@@ -339,16 +339,12 @@ def die_on_ct_2(store_path, src, labels, qa_dir):
 
 def report_threads(store_path, src, labels, qa_dir):
     """A converter that reports the worker's thread budget instead of converting."""
-    import cv2
-    import zarr
-    from dlseg.preprocessing.convert import CaseResult
     return CaseResult(src.case_id, "skipped", 0, notes=[f"{cv2.getNumThreads()},{zarr.config.get('threading.max_workers')}",
                                                          str(os.getpid())])
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_dying_worker_fails_its_case_alone(tmp_path, workers):
-    from dlseg.sources.layout import discover
     src = tmp_path / "src"
     for p in range(1, 6):
         make_ct_patient(src, str(p), n=3, seed=p)
@@ -365,7 +361,6 @@ def test_a_dying_worker_fails_its_case_alone(tmp_path, workers):
 
 
 def test_workers_are_spawned_with_one_core_each(tmp_path):
-    from dlseg.sources.layout import discover
     src = tmp_path / "src"
     for p in range(1, 4):
         make_ct_patient(src, str(p), n=2, seed=p)
@@ -379,9 +374,6 @@ def test_workers_are_spawned_with_one_core_each(tmp_path):
 
 def count_malloc_arenas(threads: int) -> int:
     """Start ``threads`` threads that each allocate and keep a few blocks; the number of glibc arenas then."""
-    import ctypes
-    import tempfile
-    import threading
     kept = []
     go = [threading.Thread(target=lambda: kept.append([bytearray(4096) for _ in range(64)])) for _ in range(threads)]
     for t in go:
@@ -398,7 +390,6 @@ def count_malloc_arenas(threads: int) -> int:
 
 
 def test_workers_allocate_from_one_malloc_arena():
-    from dlseg.workers import spawn_pool
     with spawn_pool(1) as pool:
         assert pool.submit(count_malloc_arenas, 4).result() == 1
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as plain:

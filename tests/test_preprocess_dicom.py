@@ -12,10 +12,10 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from dlseg.sources.dicom import find_series, read_series
 from dlseg.errors import CaseError
+from dlseg.sources.dicom import find_series, header_meta, read_dataset, read_series
 from dlseg.sources.masks import read_masks
-from test_preprocess_helpers import volume, write_slice, write_sr
+from helpers import volume, write_slice, write_sr
 
 
 def series(tmp_path, n=4, **kw):
@@ -237,7 +237,5 @@ def test_missing_geometry_tags_give_defaults_and_notes(tmp_path):
 
 
 def test_header_only_read_keeps_the_geometry(tmp_path):
-    from dlseg.sources.dicom import header_meta, read_dataset
-
     _, (path,) = series(tmp_path, n=1)
     assert header_meta(read_dataset(path, header_only=True)) == header_meta(read_dataset(path))

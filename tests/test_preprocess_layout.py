@@ -8,7 +8,7 @@ import pytest
 
 from dlseg.errors import UsageError
 from dlseg.sources.layout import discover, natural_sorted
-from test_preprocess_helpers import make_ct_patient, make_mr_patient, write_sr
+from helpers import make_ct_patient, make_mr_patient, write_sr
 
 
 def test_natural_sort_orders_numbers_numerically():

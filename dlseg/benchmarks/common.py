@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import math
 import multiprocessing
 import os
 import platform
 import resource
 import shutil
-import sys
 import time
 import traceback
 from contextlib import contextmanager, nullcontext
@@ -330,11 +328,6 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def finite_positive(x: Any) -> bool:
-    """True for a finite number > 0."""
-    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
-
-
 # ------------------------------------------------------------------------------------------------ cohort
 
 @dataclass(frozen=True)
@@ -380,8 +373,3 @@ def replicated_tree(chaos: Path, n_cases: int, out: Path) -> Path:
     for i in range(n_cases):
         os.symlink(patients[i % len(patients)].resolve(), target / str(1001 + i), target_is_directory=True)
     return out
-
-
-def python_exe() -> str:
-    """The interpreter running the benchmark (for the reproduce line)."""
-    return Path(sys.executable).name

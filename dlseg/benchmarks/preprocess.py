@@ -83,8 +83,7 @@ def convert_all(chaos: str, out: str, workers: int) -> dict:
 
 
 def idle_worker() -> dict:
-    """Import what a conversion worker imports, do nothing (its peak memory is the floor)."""
-    import dlseg.preprocessing.convert  # noqa: F401
+    """Do nothing in a process that has imported this module, and so the converter: its peak memory is the floor."""
     return {}
 
 

@@ -1,14 +1,27 @@
-"""Tiny hand-made DICOM/PNG fixtures for the preprocessing tests (no tests in this module)."""
+"""Helpers shared by the tests (no tests here): hand-made DICOM/PNG sources, stores, weights, tiny training runs."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Iterable
 
 import cv2
 import numpy as np
 import pydicom
+import torch
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_modality_lut
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from safetensors.torch import load_file
+
+from dlseg.store import CaseData, StoreWriter
+
+# Trainer arguments of a tiny CPU run (a 4-wide, 2-level U-Net on 32 px slices); tests append their own.
+TINY_RUN = ["--model.base_width", "4", "--model.depth", "2", "--loader.size", "32", "--loader.batch_size", "4",
+            "--loader.val_batch_size", "8"]
+
+
+# ---------------------------------------------------------------------------------------------- DICOM / PNG sources
 
 
 def write_slice(path: Path, pixels: np.ndarray, z: float, *, modality: str = "CT", series_uid: str = "1.2.3.4",
@@ -115,8 +128,34 @@ def make_mr_patient(root: Path, patient: str, n: int = 4, seed: int = 0) -> dict
 
 def read_sources(files, ground_files=None):
     """Reference decode straight from pydicom (+ modality LUT) and OpenCV, for bit-for-bit comparisons."""
-    from pydicom.pixels import apply_modality_lut
-
     image = np.stack([apply_modality_lut(pydicom.dcmread(f).pixel_array, pydicom.dcmread(f)) for f in files])
     gt = None if ground_files is None else np.stack([cv2.imread(str(f), cv2.IMREAD_UNCHANGED) for f in ground_files])
     return image, gt
+
+
+# ---------------------------------------------------------------------------------------------- stores
+
+
+def write_store(path: Path, cases: Iterable[CaseData], split: dict[str, Any], label_map: dict[str, str]) -> Path:
+    """A finalized store written with ``StoreWriter``, the writer preprocessing uses."""
+    writer = StoreWriter(path)
+    for case in cases:
+        writer.write_case(case)
+    writer.finalize(split, label_map)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (no pickle)."""
+    return load_file(str(path))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Bit-identical tensors under the same names; two empty dicts are not "the same weights"."""
+    assert a, "no weights to compare"
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -1,0 +1,124 @@
+"""Per-sample symmetries of the square and centred zooms of image/mask batches, as index gathers (torch, any device).
+
+The batch augmentation (``dlseg.augment.BatchAugment``) decides what to do to each sample; this module moves the
+pixels: each output pixel reads one source pixel (symmetries, and the mask's nearest-neighbour zoom) or a bilinear
+blend (the image's zoom), so image and mask stay aligned exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def zoom_positions(zoom: torch.Tensor, size: int) -> torch.Tensor:
+    """float32 (N, size) source coordinates along one axis of a zoom by ``zoom`` about the centre.
+
+    Pixel centres as ``affine_grid``/``grid_sample`` with ``align_corners=False``; clamped to the edge pixels
+    (``padding_mode="border"``, cv2.BORDER_REPLICATE).
+    """
+    i = torch.arange(size, dtype=torch.float32, device=zoom.device)
+    half = size / 2
+    return ((i + (0.5 - half)) / zoom.float().view(-1, 1) + (half - 0.5)).clamp_(0, size - 1)
+
+
+def flipped(flag: torch.Tensor, size: int) -> torch.Tensor:
+    """int32 (N, size) positions ``0..size-1``, reversed where ``flag``."""
+    i = torch.arange(size, dtype=torch.int32, device=flag.device)
+    return torch.where(flag.view(-1, 1), size - 1 - i, i)
+
+
+def source_index(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, out: torch.Tensor,
+                 work: torch.Tensor) -> torch.Tensor:
+    """int64 flat (N, H·W) source pixel of each output pixel, into ``out``: ``x[rows[i], cols[j]]``, or
+    ``x[cols[j], rows[i]]`` where ``t`` (square slices); ``rows`` (N,H) and ``cols`` (N,W) integer.
+
+    The sum is taken in the int32 buffer ``work`` (N,H,W): int64's broadcast add is slower on a CPU.
+    """
+    width = cols.shape[1]
+    tt = t.view(-1, 1)
+    row_term = torch.where(tt, rows, rows * width).to(torch.int32)
+    col_term = torch.where(tt, cols * width, cols).to(torch.int32)
+    torch.add(row_term.unsqueeze(2), col_term.unsqueeze(1), out=work)
+    return out.copy_(work.view_as(out))
+
+
+class Workspace:
+    """Buffers reused between batches: on a CPU, fresh multi-MB tensors cost more (page faults) than the work."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The buffer ``name`` with this shape, dtype and device (made on first use or when they change)."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            buf = self.buffers[name] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+
+def gather_pixels(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``flat`` (N,C,P) read at ``index`` (N,Q), the same pixels in every channel → (N,C,Q)."""
+    return flat.gather(2, index.unsqueeze(1).expand(-1, flat.shape[1], -1))
+
+
+def zoom_bilinear(image: torch.Tensor, idx: torch.Tensor, py: torch.Tensor, px: torch.Tensor,
+                  ws: Workspace) -> torch.Tensor:
+    """Samples ``idx`` of ``image`` (N,C,H,W) sampled bilinearly at rows ``py`` (M,H) × columns ``px`` (M,W),
+    separably, in float32 → a (M,C,H,W) workspace view.
+
+    Rows: two whole-row copies (``index_select``) and a blend; columns: two gathers along the rows and a blend.
+    """
+    n, ch, height, width = image.shape
+    m = idx.numel()
+    bufs = [ws.get(f"zoom{i}", tuple(image.shape), torch.float32, image.device)[:m] for i in range(3)]
+    sub, top, bottom = bufs
+    if image.dtype == torch.float32:
+        torch.index_select(image, 0, idx, out=sub)
+    else:
+        sub.copy_(image.index_select(0, idx))
+    y0, x0 = py.floor(), px.floor()
+    wy, wx = (py - y0).view(m, 1, height, 1), (px - x0).view(m, 1, 1, width)
+    y0, x0 = y0.long(), x0.long()
+    y1, x1 = (y0 + 1).clamp_(max=height - 1), (x0 + 1).clamp_(max=width - 1)
+    plane = (torch.arange(m * ch, device=image.device) * height).view(m, ch, 1)
+    rows = sub.view(-1, width)
+    torch.index_select(rows, 0, (plane + y0.unsqueeze(1)).flatten(), out=top.view(-1, width))
+    torch.index_select(rows, 0, (plane + y1.unsqueeze(1)).flatten(), out=bottom.view(-1, width))
+    torch.lerp(top, bottom, wy, out=top)
+    shape = (m, ch, height, width)
+    torch.gather(top, 3, x0.view(m, 1, 1, width).expand(shape), out=sub)
+    torch.gather(top, 3, x1.view(m, 1, 1, width).expand(shape), out=bottom)
+    return torch.lerp(sub, bottom, wx, out=sub)
+
+
+def resample(image: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, r: torch.Tensor, c: torch.Tensor,
+             flag: torch.Tensor, zoom: torch.Tensor, ws: Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zoom about the centre where ``flag`` (mask nearest, image bilinear), then the symmetry ``Fc^c Fr^r T^t``.
+
+    The zoom commutes with the symmetries, so this equals the article's order up to how a sampling position that
+    falls exactly halfway between pixels rounds. Image and mask read the same float32 positions (a bf16/fp16
+    position would be off by up to a pixel at 256 px): the mask the nearest pixel (ties to even, as
+    ``grid_sample``'s nearest), the image the bilinear blend in float32. The mask's zoom and symmetry are one
+    gather; the image's symmetry is one gather after a separable zoom of the zoomed samples. Symmetries alone are
+    exact permutations. One host sync (which samples are zoomed). Returns fresh tensors; intermediates live in
+    ``ws``.
+    """
+    ws = Workspace() if ws is None else ws
+    n, ch, height, width = image.shape
+    dev = image.device
+    shape = (n, height * width)
+    a, b = flipped(r, height), flipped(c, width)   # positions in T^t(zoomed x) read by each output row / column
+    idx = flag.nonzero().squeeze(1)
+    source = image
+    near_rows, near_cols = a, b
+    if idx.numel() > 0:
+        py, px = zoom_positions(zoom, height), zoom_positions(zoom, width)
+        near_rows = torch.where(flag.view(-1, 1), py.round().to(torch.int32).gather(1, a.long()), a)
+        near_cols = torch.where(flag.view(-1, 1), px.round().to(torch.int32).gather(1, b.long()), b)
+        source = ws.get("staging", tuple(image.shape), image.dtype, dev).copy_(image)
+        source.index_copy_(0, idx, zoom_bilinear(image, idx, py[idx], px[idx], ws).to(image.dtype))
+    work = ws.get("sum", (n, height, width), torch.int32, dev)
+    index = source_index(t, near_rows, near_cols, ws.get("index", shape, torch.int64, dev), work)
+    out_mask = mask.reshape(n, -1).gather(1, index).view_as(mask)
+    index = source_index(t, a, b, index, work)
+    return gather_pixels(source.reshape(n, ch, -1), index).view_as(image), out_mask
