@@ -15,6 +15,11 @@ import numpy as np
 from dlseg.errors import CaseError
 
 LABEL_NAMES = {0: "background", 1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
+# label -> the gray value CHAOS ground truth uses, per modality (what predictions are written with)
+GRAY_VALUES = {
+    "CT": {1: 255},
+    "MR": {1: 63, 2: 126, 3: 189, 4: 252},
+}
 # label -> inclusive gray-value range accepted when reading, per modality
 GRAY_RANGES = {
     "CT": {1: (255, 255)},
