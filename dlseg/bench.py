@@ -11,7 +11,6 @@ Exit status: 0 measured (goals met or not: the table says), 1 a stage failed, 2 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -27,6 +26,7 @@ from rich.table import Table
 from dlseg.benchmarks.common import (
     STAGES, BenchConfig, BenchSkip, Cohort, ensure_cohort, isolated, machine_info, run_stage,
 )
+from dlseg.config import FlagParser, build_parser, config_from_namespace
 from dlseg.console import console, run_entry
 from dlseg.errors import ConfigError
 from dlseg.fileio import atomic_write
@@ -35,61 +35,22 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 TABLE_WIDTH = 150   # the tables stay readable when the output is a file or a narrow terminal
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
-    d = BenchConfig()
-    p = argparse.ArgumentParser(prog="python -m dlseg.bench", description=__doc__.splitlines()[0])
+def bench_parser() -> FlagParser:
+    """The command-line interface: the stage, where the JSON goes, and BenchConfig's fields as flags."""
+    p = build_parser(BenchConfig, "python -m dlseg.bench", __doc__.splitlines()[0], values_for_bools=False)
     p.add_argument("stage", nargs="?", default="all", choices=(*STAGES, "all"))
-    p.add_argument("--store", help="an existing dlseg store instead of the synthetic cohort")
-    p.add_argument("--source", help="the CHAOS tree --store came from (DICOM baselines, predict, preprocess)")
     p.add_argument("--json", help="write the results here (default: runs/_bench/bench-<time>.json)")
-    p.add_argument("--size", type=int, default=d.size, help="training size in pixels")
-    p.add_argument("--base-width", type=int, default=d.base_width, help="U-Net width of the first level")
-    p.add_argument("--depth", type=int, default=d.depth)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training/augmentation batch")
-    p.add_argument("--predict-batch-size", type=int, default=d.predict_batch_size,
-                   help="slices per forward pass in prediction (default 0: the predictor's default for the device)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device)
-    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=d.mixed_precision)
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--workers", type=int, default=d.workers, help="trainer DataLoader workers")
-    p.add_argument("--train-epochs", type=int, default=d.train_epochs,
-                   help="trainer epochs, alternating with as many passes of the bare loop")
-    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs, help="of which untimed on both sides")
-    p.add_argument("--predict-workers", type=int, default=d.predict_workers,
-                   help="case-loading processes in prediction (default: the predictor's default for the device)")
-    p.add_argument("--preprocess-workers", type=int, default=d.preprocess_workers, help="0 = one per core (≤ 8)")
-    p.add_argument("--augment-on", choices=("cpu", "device"), default=d.augment_on, help="trainer augmentation side")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch/OpenCV threads per process (0 = default)")
-    p.add_argument("--patients", type=int, default=d.patients, help="synthetic MR patients")
-    p.add_argument("--synth-size", type=int, nargs=2, default=d.synth_size, metavar=("MIN", "MAX"),
-                   help="synthetic in-plane size range (pixels)")
-    p.add_argument("--synth-slices", type=int, nargs=2, default=d.synth_slices, metavar=("MIN", "MAX"),
-                   help="synthetic slices per series")
-    p.add_argument("--memory-cases", type=int, nargs=2, default=d.memory_cases, metavar=("SMALL", "LARGE"))
-    p.add_argument("--cache-dir", default=d.cache_dir, help="where the synthetic cohort is kept")
-    p.add_argument("--quick", action="store_true", help="shorter loops and smaller cohorts (about a minute)")
-    p.add_argument("--no-isolate", action="store_true", help="run stages in this process (memory not per stage)")
     return p
 
 
 def parse_args(argv: list[str] | None) -> tuple[list[str], BenchConfig, str | None]:
     """Stages to run, the config and the JSON path."""
-    a = build_parser().parse_args(argv)
-    cfg = BenchConfig(
-        size=a.size, base_width=a.base_width, depth=a.depth, batch_size=a.batch_size,
-        predict_batch_size=a.predict_batch_size, device=a.device, mixed_precision=a.mixed_precision,
-        channels_last=a.channels_last, workers=a.workers, train_epochs=a.train_epochs,
-        warmup_epochs=a.warmup_epochs,
-        predict_workers=a.predict_workers,
-        preprocess_workers=a.preprocess_workers, augment_on=a.augment_on, threads=a.threads, quick=a.quick,
-        patients=a.patients, memory_cases=tuple(a.memory_cases), synth_size=tuple(a.synth_size),
-        synth_slices=tuple(a.synth_slices), store=a.store, source=a.source,
-        cache_dir=a.cache_dir, isolate=not a.no_isolate,
-    )
-    if a.quick and tuple(a.memory_cases) == BenchConfig().memory_cases:
+    ns = bench_parser().parse_args(argv)
+    stage, json_path = ns.__dict__.pop("stage"), ns.__dict__.pop("json", None)
+    cfg = config_from_namespace(BenchConfig, ns, BenchConfig())
+    if cfg.quick and "memory_cases" not in vars(ns):
         cfg.memory_cases = (2, 8)
-    return (list(STAGES) if a.stage == "all" else [a.stage]), cfg.with_predict_defaults(), a.json
+    return (list(STAGES) if stage == "all" else [stage]), cfg.with_predict_defaults(), json_path
 
 
 def check_config(cfg: BenchConfig) -> None:
@@ -246,12 +207,9 @@ def run(stages: list[str], cfg: BenchConfig, json_path: str | None) -> tuple[dic
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: 0 when every stage measured, 1 when one failed, 2 for unusable arguments."""
-    try:
-        stages, cfg, json_path = parse_args(argv)
-    except SystemExit as e:  # argparse printed usage and the reason
-        return int(e.code or 0)
 
     def measure() -> int:
+        stages, cfg, json_path = parse_args(argv)
         check_config(cfg)
         doc, _ = run(stages, cfg, json_path)
         return EXIT_FAILED if any("error" in r for r in doc["stages"].values()) else EXIT_OK

@@ -1,16 +1,16 @@
-"""Typed configuration: defaults in code → optional YAML recipe → ``--key value`` overrides.
+"""Typed configuration: defaults in code → optional YAML recipe → command-line flags.
 
-Each entry point owns one dataclass tree (nested dataclasses for sections). This module only knows how to
-fill such a tree, check names and types, and save the result; it holds no defaults of its own.
+Each entry point owns one dataclass tree (nested dataclasses for sections); its fields, declared with
+:func:`option`, are also its command-line flags. This module only knows how to fill such a tree, check names and
+types, build the flags and save the result; it holds no defaults of its own.
 
-    cfg = resolve(TrainConfig, yaml_path="recipes/demo.yaml", overrides=["--optim.lr", "1e-3", "--epochs=3"])
+    cfg = resolve(TrainConfig, "recipes/demo.yaml")                      # defaults → recipe
+    cfg = parse_args(PredictConfig, argv, prog="dlseg-predict", description="…")   # the dataclass as flags
     save_yaml(cfg, run_dir / "config.yaml")
-    cfg = parse_args(PredictConfig, sys.argv[1:], prog="dlseg-predict")   # the same dataclass as flags
 
-
-Keys are dotted paths into the tree (``optim.lr``); a top-level field may also be given bare. ``-`` and
-``_`` are interchangeable in keys (``--batch-size`` == ``--batch_size``). Unknown keys and values of the
-wrong type raise :class:`ConfigError` naming the key.
+Keys are dotted paths into the tree (``--optim.lr``); ``-`` and ``_`` are interchangeable in keys
+(``--batch-size`` == ``--batch_size``). Unknown keys and values of the wrong type raise :class:`ConfigError`
+naming the key.
 """
 
 from __future__ import annotations
@@ -32,10 +32,14 @@ T = TypeVar("T")
 
 def option(help: str, default: Any = dataclasses.MISSING, *, flag: str | None = None, positional: bool = False,
            choices: tuple[str, ...] | None = None, exclusive: str | None = None, default_help: str | None = None,
+           metavar: str | tuple[str, ...] | None = None, const: bool = True,
            default_factory: Any = dataclasses.MISSING) -> Any:
-    """A config field that is also a command-line flag: its help, and its flag name where it differs."""
+    """A config field that is also a command-line flag: its help, and its flag name where it differs.
+
+    ``exclusive`` names a group of mutually exclusive flags; ``const`` is what a bool flag given alone sets
+    (``option(..., True, flag="--no-isolate", const=False)``)."""
     meta = {"help": help, "flag": flag, "positional": positional, "choices": choices, "exclusive": exclusive,
-            "default_help": default_help}
+            "default_help": default_help, "metavar": metavar, "const": const}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -155,28 +159,6 @@ def set_key(cfg: Any, dotted: str, value: Any) -> Any:
     return _apply_mapping(cfg, {parts[0]: nested})
 
 
-def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """``["--a.b", "1", "--c=2", "--flag"]`` → ``[("a.b","1"), ("c","2"), ("flag","true")]``."""
-    out: list[tuple[str, str]] = []
-    i = 0
-    while i < len(args):
-        tok = args[i]
-        if not tok.startswith("--") or len(tok) == 2:
-            raise ConfigError(f"{tok}: expected --key value")
-        body = tok[2:]
-        if "=" in body:
-            k, v = body.split("=", 1)
-            i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            k, v = body, args[i + 1]
-            i += 2
-        else:
-            k, v = body, "true"
-            i += 1
-        out.append((k, v))
-    return out
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
@@ -192,15 +174,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve(cls: type[T], yaml_path: str | Path | None = None, overrides: list[str] | None = None,
-            base: T | None = None) -> T:
-    """Defaults of ``cls`` (or ``base``) → YAML recipe → ``--key value`` overrides."""
-    cfg = base if base is not None else cls()
-    if yaml_path:
-        cfg = _apply_mapping(cfg, load_yaml(yaml_path))
-    for key, value in parse_overrides(list(overrides or [])):
-        cfg = set_key(cfg, key, value)
-    return cfg
+def resolve(cls: type[T], yaml_path: str | Path | None = None) -> T:
+    """Defaults of ``cls`` → YAML recipe (the command line's flags go on top: :func:`config_from_namespace`)."""
+    cfg = cls()
+    return _apply_mapping(cfg, load_yaml(yaml_path)) if yaml_path else cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -259,12 +236,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", valu
             parser.add_argument(key, metavar=meta.get("flag") or f.name.upper(), help=help_)
             continue
         name = meta.get("flag") or f"--{key.replace('_', '-')}"
-        kwargs: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS}
-        if tp is bool:
-            kwargs.update(nargs="?", const="true", metavar="BOOL") if values_for_bools else \
-                kwargs.update(action="store_const", const="true")
-        else:
-            kwargs.update(metavar=None if meta.get("choices") else f.name.upper(), choices=meta.get("choices"))
+        kwargs = _value_kwargs(f, tp, key, values_for_bools)
         target: Any = parser
         if meta.get("exclusive"):
             if meta["exclusive"] not in groups:
@@ -273,6 +245,22 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, prefix: str = "", valu
         target.add_argument(name, help=help_, **kwargs)
         if f"--{key}" != name:      # --batch_size is --batch-size, not shown twice in --help
             target.add_argument(f"--{key}", help=argparse.SUPPRESS, **kwargs)
+
+
+def _value_kwargs(f: dataclasses.Field, tp: Any, key: str, values_for_bools: bool) -> dict[str, Any]:
+    """argparse keywords for the value(s) a field's flag takes (kept as strings for :func:`set_key`)."""
+    meta = f.metadata
+    kwargs: dict[str, Any] = {"dest": key, "default": argparse.SUPPRESS}
+    args = typing.get_args(tp)
+    if tp is bool:
+        const = "true" if meta.get("const", True) else "false"
+        if values_for_bools:
+            return {**kwargs, "nargs": "?", "const": const, "metavar": "BOOL"}
+        return {**kwargs, "action": "store_const", "const": const}
+    if typing.get_origin(tp) is tuple and args and args[-1] is not Ellipsis:
+        kwargs["nargs"] = len(args)        # tuple[int, int]: --size MIN MAX
+    metavar = meta.get("metavar") or (None if meta.get("choices") else f.name.upper())
+    return {**kwargs, "metavar": metavar, "choices": meta.get("choices")}
 
 
 def build_parser(cls: type, prog: str, description: str, values_for_bools: bool = True) -> FlagParser:

@@ -22,6 +22,7 @@ import pydicom
 import torch
 import zarr
 
+from dlseg.config import option
 from dlseg.console import console
 from dlseg.predictor import PredictConfig
 from dlseg.preprocessing.synthetic_store import CHAOS_NAME, STORE_NAME, synthetic_store
@@ -35,33 +36,37 @@ MB = 1 << 20
 class BenchConfig:
     """What ``python -m dlseg.bench`` measures and at which sizes."""
 
-    size: int = 128                        # training size (pixels, square)
-    base_width: int = 16                   # U-Net width of the first level
-    depth: int = 4
-    batch_size: int = 16                   # training / augmentation batch
-    predict_batch_size: int = 0            # 0 = dlseg/predict.py's default for the device
-    device: Literal["cpu", "cuda"] = "cpu"
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    channels_last: bool = False
-    workers: int = 0                       # trainer DataLoader workers (0: load in the training process)
-    predict_workers: int | None = None     # prediction case-loading workers (None = dlseg/predict.py's default)
-    preprocess_workers: int = 0            # 0 = one per CPU core (at most 8)
-    augment_on: Literal["cpu", "device"] = "cpu"   # trainer augmentation path in the train stage
-    quick: bool = False
-    patients: int = 10                     # synthetic MR patients (T1 in-phase cases)
-    memory_cases: tuple[int, int] = (10, 40)  # prediction memory: small vs large cohort
-    slicewise_cases: int = 2               # cases run through the one-slice-at-a-time baseline
-    train_epochs: int = 2                  # trainer epochs, alternating with as many bare-loop passes
-    warmup_epochs: int = 0                 # of which untimed on both sides (accelerators: 1)
-    seed: int = 0
-    synth_size: tuple[int, int] = (192, 256)   # synthetic in-plane size range
-    synth_slices: tuple[int, int] = (26, 36)   # synthetic slices per series
-    store: str | None = None               # an existing store instead of the synthetic one
-    source: str | None = None              # the CHAOS tree that store came from (DICOM baselines)
-    cache_dir: str = "runs/_bench"
-    budget_s: float = 3.0                  # time per measured loop (quick: less)
-    isolate: bool = True                   # each stage (and each memory run) in its own process
-    threads: int = 0                       # torch/OpenCV intra-op threads per process (0 = library default)
+    size: int = option("training size in pixels (square)", 128)
+    base_width: int = option("U-Net width of the first level", 16)
+    depth: int = option("U-Net levels", 4)
+    batch_size: int = option("training/augmentation batch", 16)
+    predict_batch_size: int = option("slices per forward pass in prediction", 0,
+                                     default_help="0: the predictor's default for the device")
+    device: Literal["cpu", "cuda"] = option("where models run", "cpu", choices=("cpu", "cuda"))
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("autocast dtype", "no", choices=("no", "bf16", "fp16"))
+    channels_last: bool = option("channels_last memory format", False)
+    workers: int = option("trainer DataLoader workers (0: load in the training process)", 0)
+    predict_workers: int | None = option("case-loading processes in prediction", None,
+                                         default_help="the predictor's default for the device")
+    preprocess_workers: int = option("processes of the parallel preprocessing run (0 = one per core, at most 8)", 0)
+    augment_on: Literal["cpu", "device"] = option("trainer augmentation side", "cpu", choices=("cpu", "device"))
+    quick: bool = option("shorter loops and smaller cohorts (about a minute)", False)
+    patients: int = option("synthetic MR patients", 10)
+    memory_cases: tuple[int, int] = option("prediction memory: small vs large cohort", (10, 40),
+                                           metavar=("SMALL", "LARGE"), default_help="10 40; quick: 2 8")
+    slicewise_cases: int = option("cases run through the one-slice-at-a-time prediction baseline", 2)
+    train_epochs: int = option("trainer epochs, alternating with as many passes of the bare loop", 2)
+    warmup_epochs: int = option("of which untimed on both sides", 0)
+    seed: int = option("synthetic cohort and split seed", 0)
+    synth_size: tuple[int, int] = option("synthetic in-plane size range (pixels)", (192, 256), metavar=("MIN", "MAX"))
+    synth_slices: tuple[int, int] = option("synthetic slices per series", (26, 36), metavar=("MIN", "MAX"))
+    store: str | None = option("an existing dlseg store instead of the synthetic cohort", None)
+    source: str | None = option("the CHAOS tree --store came from (DICOM baselines, predict, preprocess)", None)
+    cache_dir: str = option("where the synthetic cohort is kept", "runs/_bench")
+    budget_s: float = option("seconds per measured loop (quick: a quarter)", 3.0)
+    isolate: bool = option("run stages in this process (memory not per stage)", True, flag="--no-isolate",
+                           const=False)
+    threads: int = option("torch/OpenCV threads per process (0 = the libraries' default)", 0)
 
     def scaled(self, seconds: float) -> float:
         """A time budget shortened in quick mode."""
