@@ -119,6 +119,39 @@ def prepared_slices(predictor: Predictor, store_path: Path) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(volumes))[:, None]
 
 
+def add_comparisons(res: StageResult, large_n: int) -> None:
+    """End to end against the forward pass alone and against one slice at a time."""
+    res.compare(Comparison("end-to-end DICOM→PNG (prediction loop) vs forward pass alone (ceiling)", "end_to_end",
+                           "forward_ceiling", "fraction of the model's in-memory speed kept end to end, from the "
+                           "first case read to the last PNG written", goal_min=0.8))
+    res.compare(Comparison("end-to-end DICOM→PNG (whole call, start-up included) vs forward pass alone",
+                           "end_to_end_wall", "forward_ceiling", "the same, counting model loading, discovery and "
+                           "worker start-up (they weigh more the smaller the cohort)"))
+    res.compare(Comparison("end-to-end DICOM→PNG vs one slice at a time (article)", "end_to_end", "slice_by_slice",
+                           "times faster than the article's predict loop"))
+    res.compare(Comparison(f"end-to-end on {large_n} cases (prediction loop) vs forward pass alone",
+                           f"end_to_end_{large_n}_cases", "forward_ceiling", "the same at the larger cohort"))
+
+
+def add_memory(res: StageResult, cfg: BenchConfig, mem_small: dict, mem_large: dict) -> None:
+    """Peak memory at both cohort sizes; with isolated runs, the check that it does not grow with the cohort."""
+    small_n, large_n = cfg.memory_cases
+    res.memory = {f"{small_n}_cases_main_peak_rss_mb": mem_small["peak_rss_mb"],
+                  f"{large_n}_cases_main_peak_rss_mb": mem_large["peak_rss_mb"],
+                  f"{small_n}_cases_worker_peak_rss_mb": mem_small["children_peak_rss_mb"],
+                  f"{large_n}_cases_worker_peak_rss_mb": mem_large["children_peak_rss_mb"]}
+    if cfg.isolate:
+        res.memory_checks.append(memory_check(
+            f"prediction peak memory, {large_n} vs {small_n} cases (main process)", mem_large["peak_rss_mb"],
+            mem_small["peak_rss_mb"], 1.10,
+            "peak RSS at the large cohort ÷ at the small one; ≤ 1.10 = does not grow"))
+        if cfg.predict_workers > 0:   # no loader processes: cases are loaded in the main process
+            res.memory_checks.append(memory_check(
+                f"prediction peak memory, {large_n} vs {small_n} cases (largest loader worker)",
+                mem_large["children_peak_rss_mb"], mem_small["children_peak_rss_mb"], 1.10,
+                "the same for the case-loading worker processes"))
+
+
 def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     """Measure end-to-end prediction, its ceiling and the slice-by-slice baseline; memory at two cohort sizes."""
     if cohort.chaos is None:
@@ -161,30 +194,8 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     res.add(f"end_to_end_{large_n}_cases", loop_timing(e2e_large))
     shutil.rmtree(work, ignore_errors=True)
 
-    res.compare(Comparison("end-to-end DICOM→PNG (prediction loop) vs forward pass alone (ceiling)", "end_to_end",
-                           "forward_ceiling", "fraction of the model's in-memory speed kept end to end, from the "
-                           "first case read to the last PNG written", goal_min=0.8))
-    res.compare(Comparison("end-to-end DICOM→PNG (whole call, start-up included) vs forward pass alone",
-                           "end_to_end_wall", "forward_ceiling", "the same, counting model loading, discovery and "
-                           "worker start-up (they weigh more the smaller the cohort)"))
-    res.compare(Comparison("end-to-end DICOM→PNG vs one slice at a time (article)", "end_to_end", "slice_by_slice",
-                           "times faster than the article's predict loop"))
-    res.compare(Comparison(f"end-to-end on {large_n} cases (prediction loop) vs forward pass alone",
-                           f"end_to_end_{large_n}_cases", "forward_ceiling", "the same at the larger cohort"))
-    res.memory = {f"{small_n}_cases_main_peak_rss_mb": mem_small["peak_rss_mb"],
-                  f"{large_n}_cases_main_peak_rss_mb": mem_large["peak_rss_mb"],
-                  f"{small_n}_cases_worker_peak_rss_mb": mem_small["children_peak_rss_mb"],
-                  f"{large_n}_cases_worker_peak_rss_mb": mem_large["children_peak_rss_mb"]}
-    if cfg.isolate:
-        res.memory_checks.append(memory_check(
-            f"prediction peak memory, {large_n} vs {small_n} cases (main process)", mem_large["peak_rss_mb"],
-            mem_small["peak_rss_mb"], 1.10,
-            "peak RSS at the large cohort ÷ at the small one; ≤ 1.10 = does not grow"))
-        if cfg.predict_workers > 0:   # no loader processes: cases are loaded in the main process
-            res.memory_checks.append(memory_check(
-                f"prediction peak memory, {large_n} vs {small_n} cases (largest loader worker)",
-                mem_large["children_peak_rss_mb"], mem_small["children_peak_rss_mb"], 1.10,
-                "the same for the case-loading worker processes"))
+    add_comparisons(res, large_n)
+    add_memory(res, cfg, mem_small, mem_large)
     res.details.update({
         "cases": e2e_small["cases"], "slices": e2e_small["slices"], "large_cases": e2e_large["cases"],
         "large_slices": e2e_large["slices"], "ceiling_slices": n, "slicewise_cases": len(sources),

@@ -6,8 +6,7 @@ import dataclasses
 import importlib.util
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import Any
 
 from dlseg.config import option
 from dlseg.errors import ConfigError
@@ -15,7 +14,7 @@ from dlseg.sources.masks import GRAY_VALUES
 
 FORMATS = ("png", "npz", "nifti")
 INPUT_KINDS = ("auto", "chaos", "dicom", "store")
-PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("no", "fp16", "bf16")     # autocast dtypes (predictor.AMP_DTYPES); this module stays torch-free
 # A large batch falls out of a CPU's caches, and loader processes there only take cores from the forward pass.
 CPU_BATCH, ACCELERATOR_BATCH = 8, 64
 CPU_WORKERS, ACCELERATOR_WORKERS = 0, 2
@@ -44,16 +43,16 @@ class PredictConfig:
     formats: tuple[str, ...] = option(f"comma list of {', '.join(FORMATS)}", ("png",), flag="--format")
     overlays: bool = option("overlays/ PNGs: image | ground truth | prediction", False)
     label_value: int = option("binary models: PNG gray value of the liver", GRAY_VALUES["MR"][1])
-    mixed_precision: str = option("autocast dtype", "no", choices=tuple(PRECISIONS))
+    mixed_precision: str = option("autocast dtype", "no", choices=PRECISIONS)
     shard: str | None = option("I/N: predict only cases[I::N] of the cohort (job array task I of N, 0 ≤ I < N); "
                                "tasks share --out and each writes summary-shard-I-of-N.csv/json", None)
 
     def __post_init__(self) -> None:
         self.formats = tuple(f.strip() for f in self.formats if f.strip())   # "png, npz" as "png,npz"
 
-    def for_device(self, device: torch.device | str) -> PredictConfig:
-        """This config with the device defaults filled in: ``batch_size`` 0 and ``workers`` None."""
-        cpu = torch.device(device).type == "cpu"
+    def for_device(self, device: Any) -> PredictConfig:
+        """This config with the device defaults filled in (``batch_size`` 0, ``workers`` None) for a torch device."""
+        cpu = str(device).split(":")[0] == "cpu"
         return dataclasses.replace(
             self, batch_size=self.batch_size or (CPU_BATCH if cpu else ACCELERATOR_BATCH),
             workers=self.workers if self.workers is not None else (CPU_WORKERS if cpu else ACCELERATOR_WORKERS))

@@ -15,9 +15,10 @@ import torch
 from scipy import ndimage
 
 from dlseg.export import load_model
-from dlseg.inference.config import CPU_BATCH, PRECISIONS
+from dlseg.inference.config import CPU_BATCH
 from dlseg.normalize import NormConfig, ResizeMapping, intensity_stats, prepare_volume
 
+AMP_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}   # config.PRECISIONS → autocast dtype
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # identity, hflip, vflip, both
 
 
@@ -66,7 +67,7 @@ class Predictor:
         self.threshold = float(meta["threshold"] if threshold is None else threshold)
         self.keep_largest = keep_largest
         self.mixed_precision = mixed_precision
-        self.amp_dtype = PRECISIONS[mixed_precision]
+        self.amp_dtype = AMP_DTYPES[mixed_precision]
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", **options: Any) -> Predictor:
