@@ -1,10 +1,8 @@
 """``python -m dlseg.evaluate --pred OUT_DIR --truth PATH``: score prediction folders with the CHAOS metrics.
 
-Predictions (written by ``dlseg/predict.py``): ``OUT_DIR/<case_id>/`` holds one PNG per slice whose names sort
-lexicographically in slice order (the CHAOS submission format; read like the official ``png_series_reader``:
-every ``*.png`` of the folder, sorted, as 8-bit grayscale), optional ``sources.json`` (PNG → source file) and
-``record.json`` (``slices``, ...), checked against the PNG count when present. A folder without PNGs is read
-from ``prediction.npz`` (key ``mask``, liver = 1) instead.
+Predictions: ``OUT_DIR/<case_id>/`` folders of ``dlseg/predict.py``, read through :mod:`dlseg.inference.outputs`
+(the slice PNGs like the official ``png_series_reader``: every ``*.png``, sorted, as 8-bit grayscale; a folder
+without PNGs from its ``prediction.npz``).
 
 Truth: a dlseg Zarr store (liver = mask value 1, spacing from the store) or a CHAOS tree (Ground PNGs through
 ``dlseg.sources.masks``, geometry from the DICOM headers exactly as the official code uses it: PixelSpacing and
@@ -18,7 +16,6 @@ console. Exit status 0 all cases scored, 1 some failed, 2 unusable arguments.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -30,20 +27,23 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import cv2
 import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from dlseg.config import option, parse_args
+from dlseg.console import console, err_console, make_progress, run_entry
+from dlseg.errors import CaseError, ConfigError, Failure, StoreError, UsageError, one_line
 from dlseg.fileio import atomic_write
-from dlseg.console import console, err_console, make_progress
+from dlseg.inference.outputs import LIVER, LIVER_GRAY, prediction_cases, read_prediction
 from dlseg.metrics import case_metrics
-from dlseg.store import Store, StoreError
+from dlseg.sources.dicom import header_meta, read_dataset
+from dlseg.sources.layout import discover
+from dlseg.sources.masks import read_masks
+from dlseg.store import Store
 from dlseg.workers import spawn_pool
-from dlseg.errors import CaseError, Failure, UsageError, one_line
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-LIVER = 1  # liver label in the store and in prediction.npz
+EXIT_OK, EXIT_FAILED = 0, 1
 #: CSV column → key of :func:`dlseg.metrics.case_metrics` (CHAOS metrics first).
 COLUMNS = {
     "Dice": "dice", "RAVD": "ravd", "ASSD": "assd", "MSSD": "mssd", "HD95": "hd95", "IoU": "iou",
@@ -52,17 +52,44 @@ COLUMNS = {
 SUMMARY_METRICS = ("Dice", "RAVD", "ASSD", "MSSD", "HD95", "IoU")
 
 
+def parse_label_value(text: str) -> int | None:
+    """``63`` → 63, ``any`` → None (any nonzero pixel is liver)."""
+    if text.strip().lower() == "any":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"--label-value: expected 1..255 or 'any', got {text!r}") from None
+    return check_label_value(value)
+
+
+def check_label_value(value: int | None) -> int | None:
+    """A PNG gray value 1..255, or None for any nonzero pixel (ConfigError otherwise)."""
+    if value is not None and not 1 <= value <= 255:
+        raise ConfigError(f"--label-value: expected 1..255 or 'any', got {value}")
+    return value
+
+
 @dataclass
 class EvalConfig:
-    """One evaluation run."""
+    """One evaluation run; its fields are the flags of ``python -m dlseg.evaluate``."""
 
-    pred: str
-    truth: str
-    csv: str | None = None              # default OUT_DIR/evaluation.csv
-    label_value: int | None = 63        # PNG gray value of the liver; None: any nonzero pixel
-    split: str | None = None            # store truth: train | val | unlabeled | all (default: all labeled)
-    modality: str = "all"               # CHAOS-tree truth: ct | t1-in | t1-out | t2 | all
-    workers: int = 1
+    pred: str = option("prediction folder (OUT_DIR of dlseg/predict.py) (required)", "")
+    truth: str = option("a CHAOS tree (Train_Sets/...) or a dlseg Zarr store (required)", "")
+    csv: str | None = option("per-case CSV", None, default_help="OUT_DIR/evaluation.csv")
+    label_value: int | str | None = option("PNG gray value of the liver, or 'any' for any nonzero pixel",
+                                           LIVER_GRAY)
+    split: str | None = option("store truth only: train | val | unlabeled | all", None,
+                               default_help="all labeled cases")
+    modality: str = option("CHAOS-tree truth only: ct | t1-in | t1-out | t2 | all", "all")
+    workers: int = option("processes scoring cases in parallel", 1)
+
+    def __post_init__(self) -> None:
+        """``--label-value any`` is None; fewer than one worker is one."""
+        if isinstance(self.label_value, str):
+            self.label_value = parse_label_value(self.label_value)
+        check_label_value(self.label_value)
+        self.workers = max(1, self.workers)
 
     @property
     def csv_path(self) -> Path:
@@ -71,83 +98,6 @@ class EvalConfig:
     @property
     def summary_path(self) -> Path:
         return self.csv_path.with_suffix(".summary.json")
-
-
-# ------------------------------------------------------------------------------------------- predictions
-def read_png_mask(path: Path, label_value: int | None) -> np.ndarray:
-    """One prediction PNG as a boolean (H, W) mask (gray == label_value, or any nonzero)."""
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise CaseError(path, "cannot read PNG (missing, truncated or not a PNG)")
-    return img != 0 if label_value is None else img == label_value
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file, None when absent; CaseError when unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CaseError(path, f"unreadable JSON ({one_line(e)})") from None
-    if not isinstance(data, dict):
-        raise CaseError(path, "expected a JSON object")
-    return data
-
-
-def read_prediction(case_dir: Path, label_value: int | None) -> np.ndarray:
-    """A case's predicted liver as a boolean (Z, H, W) volume, from its PNGs (else prediction.npz)."""
-    if not case_dir.is_dir():
-        raise CaseError(case_dir, "no prediction for this case")
-    pngs = sorted(case_dir.glob("*.png"), key=lambda p: p.name)
-    if not pngs:
-        return read_npz_mask(case_dir / "prediction.npz", case_dir)
-    check_slice_count(case_dir, len(pngs))
-    first = read_png_mask(pngs[0], label_value)
-    volume = np.empty((len(pngs),) + first.shape, dtype=bool)
-    volume[0] = first
-    for k, path in enumerate(pngs[1:], start=1):
-        sl = read_png_mask(path, label_value)
-        if sl.shape != first.shape:
-            raise CaseError(path, f"PNG is {sl.shape[0]}x{sl.shape[1]} but {pngs[0].name} is "
-                                  f"{first.shape[0]}x{first.shape[1]}")
-        volume[k] = sl
-    return volume
-
-
-def check_slice_count(case_dir: Path, n_png: int) -> None:
-    """The PNG count agrees with record.json ``slices`` and sources.json, when those exist."""
-    record = read_json(case_dir / "record.json")
-    if record is not None and "slices" in record and int(record["slices"]) != n_png:
-        raise CaseError(case_dir, f"{n_png} PNGs but record.json says {record['slices']} slices")
-    sources = read_json(case_dir / "sources.json")
-    if sources is not None and len(sources) != n_png:
-        raise CaseError(case_dir, f"{n_png} PNGs but sources.json maps {len(sources)}")
-
-
-def read_npz_mask(path: Path, case_dir: Path) -> np.ndarray:
-    """Liver (== 1) of ``prediction.npz`` key ``mask`` (Z, H, W), loaded without pickle."""
-    if not path.is_file():
-        raise CaseError(case_dir, "no prediction PNGs and no prediction.npz")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            mask = data["mask"]
-    except KeyError:
-        raise CaseError(path, "no array named 'mask'") from None
-    except Exception as e:  # zipfile/numpy raise many types for damaged files
-        raise CaseError(path, f"unreadable npz ({one_line(e)})") from None
-    if mask.ndim != 3:
-        raise CaseError(path, f"mask has shape {mask.shape}; expected (Z, H, W)")
-    return mask == LIVER
-
-
-def prediction_cases(pred_dir: Path) -> list[str]:
-    """Case folders of a prediction directory (those holding a record.json, PNGs or prediction.npz)."""
-    out = []
-    for d in sorted(p for p in pred_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if (d / "record.json").is_file() or (d / "prediction.npz").is_file() or any(d.glob("*.png")):
-            out.append(d.name)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- truth
@@ -177,8 +127,6 @@ def open_truth(spec: TruthSpec) -> tuple[list[tuple[str, Any]], list[Failure]]:
         return [(c, None) for c in ids if store.info(c).labeled], []
     if spec.split is not None:
         raise UsageError(f"--split {spec.split}: only a Zarr store truth has splits ({spec.path} is a CHAOS tree)")
-    from dlseg.sources.layout import discover
-
     cases, failures = discover(spec.path, modality=spec.modality, labels="liver")
     return [(c.case_id, c) for c in cases if c.labeled], failures
 
@@ -195,16 +143,12 @@ def load_truth(spec: TruthSpec, case_id: str, source: Any) -> tuple[np.ndarray, 
         store = open_store(spec.path)
         _, mask = store.read_case(case_id, mask=True)
         return mask == LIVER, store.info(case_id).spacing
-    from dlseg.sources.masks import read_masks
-
     mask = read_masks(source.mask_files, source.modality, "liver") == LIVER
     return mask, official_spacing(source.image_files)
 
 
 def official_spacing(files: Sequence[Path]) -> tuple[float, float, float]:
     """(z, y, x) mm as the official CHAOS code derives it: PixelSpacing and |T_last - T_first| / (N - 1)."""
-    from dlseg.sources.dicom import header_meta, read_dataset
-
     first = header_meta(read_dataset(Path(files[0])))
     if not first["pixel_spacing"]:
         raise CaseError(files[0], "no PixelSpacing: cannot convert surface distances to mm")
@@ -266,7 +210,7 @@ def run_jobs(jobs: list[CaseJob], workers: int) -> Iterator[dict[str, Any] | Fai
 
 
 def evaluate_folder(
-    pred_dir: str | os.PathLike, truth: str | os.PathLike, label_value: int | None = 63,
+    pred_dir: str | os.PathLike, truth: str | os.PathLike, label_value: int | None = LIVER_GRAY,
     split: str | None = None, modality: str = "all", workers: int = 1, progress: bool = False,
 ) -> tuple[list[dict[str, Any]], list[Failure]]:
     """Score every labeled truth case against ``pred_dir/<case_id>/``: (CSV rows, failures).
@@ -359,43 +303,10 @@ def print_summary(doc: dict[str, Any], cfg: EvalConfig) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- CLI
-def parse_label_value(text: str) -> int | None:
-    """``63`` → 63, ``any`` → None (any nonzero pixel is liver)."""
-    if text.lower() == "any":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 1..255 or 'any', got {text!r}") from None
-    if not 1 <= value <= 255:
-        raise argparse.ArgumentTypeError(f"expected 1..255 or 'any', got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
-    p = argparse.ArgumentParser(prog="python -m dlseg.evaluate",
-                                description="Score prediction folders with the CHAOS metrics.")
-    p.add_argument("--pred", required=True, help="prediction folder (OUT_DIR of dlseg/predict.py)")
-    p.add_argument("--truth", required=True, help="a CHAOS tree (Train_Sets/...) or a dlseg Zarr store")
-    p.add_argument("--csv", default=None, help="per-case CSV (default OUT_DIR/evaluation.csv)")
-    p.add_argument("--label-value", type=parse_label_value, default=63,
-                   help="PNG gray value of the liver, or 'any' for any nonzero pixel (default 63)")
-    p.add_argument("--split", default=None, help="store truth only: train | val | unlabeled | all")
-    p.add_argument("--modality", default="all", help="CHAOS-tree truth only: ct | t1-in | t1-out | t2 | all")
-    p.add_argument("--workers", type=int, default=1, help="processes scoring cases in parallel (default 1)")
-    return p
-
-
-def parse_args(argv: list[str] | None) -> EvalConfig:
-    """Arguments → EvalConfig."""
-    a = build_parser().parse_args(argv)
-    return EvalConfig(pred=a.pred, truth=a.truth, csv=a.csv, label_value=a.label_value, split=a.split,
-                      modality=a.modality, workers=max(1, a.workers))
-
-
 def run(cfg: EvalConfig, progress: bool = True) -> int:
     """Evaluate, write the CSV and summary JSON, print the table; the exit status."""
+    if not cfg.pred or not cfg.truth:
+        raise UsageError(f"{'--pred' if not cfg.pred else '--truth'}: required")
     rows, failures = evaluate_folder(cfg.pred, cfg.truth, cfg.label_value, cfg.split, cfg.modality,
                                      cfg.workers, progress)
     scored = {r["case"] for r in rows} | {f.case_id for f in failures}
@@ -409,12 +320,8 @@ def run(cfg: EvalConfig, progress: bool = True) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one error line and status 2 for unusable arguments, never a traceback."""
-    cfg = parse_args(argv)
-    try:
-        return run(cfg)
-    except (UsageError, StoreError) as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        return EXIT_USAGE
+    return run_entry(lambda: run(parse_args(EvalConfig, argv, prog="python -m dlseg.evaluate",
+                                            description="Score prediction folders with the CHAOS metrics.")))
 
 
 if __name__ == "__main__":

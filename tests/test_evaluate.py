@@ -15,6 +15,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from dlseg import evaluate, metrics
+from dlseg.inference import outputs
 from dlseg.store import CaseData, StoreWriter
 
 SPACING = (2.5, 0.7, 0.7)
@@ -55,17 +56,16 @@ def store(tmp_path) -> Path:
 
 
 def write_prediction(out: Path, case_id: str, mask: np.ndarray, value: int = 63) -> Path:
-    """A case folder in the predictor's CHAOS submission layout."""
+    """A case folder in the predictor's CHAOS submission layout (names from dlseg.inference.outputs)."""
     case = out / case_id
     case.mkdir(parents=True)
     sources = {}
-    for k, sl in enumerate(mask):
-        name = f"slice_{k:04d}.png"
+    for k, (name, sl) in enumerate(zip(outputs.slice_names(len(mask)), mask)):
         assert cv2.imwrite(str(case / name), (sl > 0).astype(np.uint8) * value)
         sources[name] = f"DICOM_anon/i{k:04d},0000b.dcm"
-    (case / "sources.json").write_text(json.dumps(sources))
-    (case / "record.json").write_text(json.dumps({"case_id": case_id, "slices": len(mask),
-                                                  "spacing": list(SPACING)}))
+    (case / outputs.SOURCES).write_text(json.dumps(sources))
+    (case / outputs.RECORD).write_text(json.dumps({"case_id": case_id, "slices": len(mask),
+                                                    "spacing": list(SPACING)}))
     return case
 
 
@@ -131,7 +131,7 @@ def test_missing_case_is_reported_and_exit_1(store, pred_dir, capsys):
 
 
 def test_garbage_png_fails_alone_with_one_line(store, pred_dir, capsys):
-    (pred_dir / "CT-3" / "slice_0003.png").write_bytes(b"this is not a png")
+    (pred_dir / "CT-3" / outputs.slice_names(6)[3]).write_bytes(b"this is not a png")
     assert evaluate.main(["--pred", str(pred_dir), "--truth", str(store)]) == 1
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "CT-3" in line]
@@ -143,7 +143,7 @@ def test_garbage_png_fails_alone_with_one_line(store, pred_dir, capsys):
 def test_shape_and_slice_count_mismatch_fail(store, pred_dir):
     shutil.rmtree(pred_dir / "CT-1")
     write_prediction(pred_dir, "CT-1", np.zeros((6, 12, 11), np.uint8))  # wrong width
-    (pred_dir / "CT-2" / "slice_0005.png").unlink()                      # record.json says 6 slices
+    outputs.png_files(pred_dir / "CT-2")[5].unlink()                      # record.json says 6 slices
     rows, failures = evaluate.evaluate_folder(pred_dir, store)
     reasons = {f.case_id: f.reason for f in failures}
     assert "6x12x11" in reasons["CT-1"] and "6x12x10" in reasons["CT-1"]
@@ -164,9 +164,9 @@ def test_label_value(store, tmp_path):
 
 def test_npz_prediction_without_pngs(store, pred_dir):
     case = pred_dir / "CT-2"
-    for png in case.glob("*.png"):
+    for png in outputs.png_files(case):
         png.unlink()
-    np.savez_compressed(case / "prediction.npz", mask=PRED["CT-2"])
+    np.savez_compressed(case / outputs.NPZ, **{outputs.NPZ_KEY: PRED["CT-2"]})
     rows, failures = evaluate.evaluate_folder(pred_dir, store)
     assert failures == []
     assert {r["case"]: r["Dice"] for r in rows}["CT-2"] == pytest.approx(72 / 96)
@@ -247,7 +247,7 @@ def test_real_chaos_case_agrees_with_official_code(chaos_ct_case, tmp_path):
 
     rows, failures = evaluate.evaluate_folder(tmp_path / "pred", tmp_path / "chaos", modality="ct")
     assert failures == []
-    ref = official_reference(ground, sorted(case.glob("*.png")), chaos_ct_case / "DICOM_anon")
+    ref = official_reference(ground, outputs.png_files(case), chaos_ct_case / "DICOM_anon")
     for key, value in ref.items():
         assert round(rows[0][key], 3) == round(float(value), 3), key
         assert rows[0][key] == pytest.approx(value, abs=1e-6), key

@@ -18,19 +18,23 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pydicom
 import pytest
 import torch
 
 from dlseg.export import export_model
+from dlseg.inference import outputs
+from dlseg.inference.config import PredictConfig, Shard
+from dlseg.inference.outputs import nifti_affine, slice_names
+from dlseg.inference.predictor import Predictor, context_inputs, largest_component
+from dlseg.inference.records import clean_stale
+from dlseg.inference.runner import predict_cohort
 from dlseg.model import build_model
-from dlseg.normalize import NormConfig
+from dlseg.normalize import NormConfig, ResizeMapping
 from dlseg.predict import main
-from dlseg.predictor import (
-    PredictConfig, Predictor, Shard, clean_stale, context_inputs, largest_component, nifti_affine, predict_cohort,
-    slice_names,
-)
 from dlseg.sources.dicom import read_series
 from dlseg.sources.layout import discover
+from dlseg.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 BAND = 2e-4   # batch size changes CPU conv results by ~1e-7; pixels this close to the threshold may flip
@@ -74,7 +78,7 @@ def run(model: Path, inp: Path, out: Path, **kw) -> dict:
 
 def read_pngs(folder: Path) -> np.ndarray:
     """The case's slice PNGs in lexicographic order, as the official CHAOS reader does."""
-    files = sorted(folder.glob("*.png"))
+    files = outputs.png_files(folder)
     return np.stack([cv2.imread(str(f), cv2.IMREAD_UNCHANGED) for f in files])
 
 
@@ -111,27 +115,28 @@ def test_chaos_tree_outputs_and_reference(synthetic_root, mr_model, tmp_path):
         pngs = read_pngs(folder)
         assert pngs.shape == (z, h, w) and pngs.dtype == np.uint8
         assert set(np.unique(pngs)) <= {0, 63}
-        sources = json.loads((folder / "sources.json").read_text())
+        sources = outputs.read_sources(folder)
         assert list(sources) == names
         assert [synthetic_root / s for s in sources.values()] == list(case.image_files)
-        labels = np.load(folder / "prediction.npz")["mask"]
+        labels = outputs.read_labels(folder)
         assert np.array_equal(labels * 63, pngs)
         if n < 3:                       # batches of 16 span case boundaries; the reference goes slice by slice
             assert_matches_reference(labels, reference_probs(pred, volume.image))
         if n == 0:
-            assert (pred.predict_volume_slicewise(volume.image) != labels).mean() < 1e-3
-        rec = json.loads((folder / "record.json").read_text())
+            assert (pred.segment(volume.image, batch_size=1) != labels).mean() < 1e-3
+        rec = outputs.read_record(folder)
         assert rec["case_id"] == case.case_id and rec["slices"] == z and rec["shape"] == [z, h, w]
         assert rec["spacing"] == pytest.approx(list(volume.spacing))
         assert rec["liver_volume_ml"] == pytest.approx(labels.sum() * np.prod(volume.spacing) / 1000, rel=1e-4)
         assert rec["foreground_slices"] == int(labels.reshape(z, -1).any(axis=1).sum())
         assert rec["world_size"] == 1
-    with open(out / "summary.csv") as f:
+    summary_csv, summary_json = outputs.summary_files(out)
+    with open(summary_csv) as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["case_id"] for r in rows) == sorted(c.case_id for c in cases)
     assert {r["status"] for r in rows} == {"predicted"}
-    assert json.loads((out / "summary.json").read_text())["cases_total"] == 6
-    assert not list(out.glob(".tmp-*"))
+    assert json.loads(summary_json.read_text())["cases_total"] == 6
+    assert not list(out.glob(outputs.TMP_PREFIX + "*"))
 
 
 def test_real_ct_case(chaos_ct_case, ct_model, tmp_path):
@@ -143,9 +148,9 @@ def test_real_ct_case(chaos_ct_case, ct_model, tmp_path):
     files = sorted((chaos_ct_case / "DICOM_anon").glob("*.dcm"))
     pngs = read_pngs(folder)
     assert pngs.shape == (len(files), 512, 512)
-    sources = json.loads((folder / "sources.json").read_text())
+    sources = outputs.read_sources(folder)
     assert [Path(s).name for s in sources.values()] == [f.name for f in files]
-    rec = json.loads((folder / "record.json").read_text())
+    rec = outputs.read_record(folder)
     assert rec["spacing"][1:] == pytest.approx([0.7265625, 0.7265625])
     check_nifti(folder, files, pngs > 0)
 
@@ -161,19 +166,18 @@ def test_test_sets_tree_and_overlays_without_truth(synthetic_root, ct_model, tmp
     folder = out / row["case_id"]
     z, h, w = read_pngs(folder).shape
     assert z == len(cases[0].image_files)
-    overlay = cv2.imread(str(folder / "overlays" / "slice_0000.png"))
+    overlay = cv2.imread(str(folder / outputs.OVERLAYS / slice_names(z)[0]))
     assert overlay.shape == (h, 2 * w + 2, 3)                      # image | prediction
-    assert sorted(p.name for p in folder.glob("*.png")) == slice_names(z)   # overlays stay out of the PNG set
+    assert [p.name for p in outputs.png_files(folder)] == slice_names(z)   # overlays stay out of the PNG set
 
 
 # ---------------------------------------------------------------------------------------------------- NIfTI
 
 def check_nifti(folder: Path, files: list[Path], labels: np.ndarray) -> None:
     """The NIfTI holds the labels as (x, y, z) and maps voxel centres to the DICOM positions (in RAS)."""
-    import nibabel as nib
-    import pydicom
+    import nibabel as nib     # optional dependency (extra "nifti"), in the test extra
 
-    img = nib.load(str(folder / "prediction.nii.gz"))
+    img = nib.load(str(folder / outputs.NIFTI))
     data = np.asarray(img.dataobj)
     assert np.array_equal(data.transpose(2, 1, 0) > 0, labels)
     first, second = pydicom.dcmread(files[0]), pydicom.dcmread(files[1])
@@ -263,7 +267,6 @@ def test_keep_largest_removes_small_blob():
 
 def test_keep_largest_through_predictor(mr_model):
     pred = Predictor.load(mr_model, keep_largest=True)
-    from dlseg.normalize import ResizeMapping
     probs = np.zeros((4, 1, 32, 32), np.float32)
     probs[:, 0, 4:20, 4:20] = 0.9
     probs[2, 0, 26:29, 26:29] = 0.9
@@ -288,10 +291,10 @@ def test_multiclass_png_values(synthetic_root, tmp_path):
     summary = run(model, tmp_path / "src", tmp_path / "out", formats=("png", "npz"))
     assert summary["failed"] == 0
     folder = tmp_path / "out" / "MR-2-T1in"
-    pngs, labels = read_pngs(folder), np.load(folder / "prediction.npz")["mask"]
+    pngs, labels = read_pngs(folder), outputs.read_labels(folder)
     assert set(np.unique(pngs)) <= {0, 63, 126, 189, 252} and len(np.unique(pngs)) > 1
     assert np.array_equal(pngs, labels * 63)
-    rec = json.loads((folder / "record.json").read_text())
+    rec = outputs.read_record(folder)
     assert set(rec["class_volumes_ml"]) == {"1", "2", "3", "4"}
 
 
@@ -302,18 +305,19 @@ def test_resume_skips_done_and_recomputes_tmp(synthetic_root, ct_model, tmp_path
     first = run(ct_model, synthetic_root, out)
     assert first["predicted"] == 6
     ids = sorted(r["case_id"] for r in first["cases"])
-    mtimes = {c: (out / c / "record.json").stat().st_mtime_ns for c in ids}
+    mtimes = {c: (out / c / outputs.RECORD).stat().st_mtime_ns for c in ids}
     again = run(ct_model, synthetic_root, out)
     assert again["reused"] == 6 and again["predicted"] == 0
-    assert {c: (out / c / "record.json").stat().st_mtime_ns for c in ids} == mtimes
+    assert {c: (out / c / outputs.RECORD).stat().st_mtime_ns for c in ids} == mtimes
     # a kill in the middle of writing: the case exists only as a temporary folder
     victim = ids[2]
-    os.rename(out / victim, out / f".tmp-{victim}-deadbeef0123")
-    (out / ".tmp-CT-other-0123456789ab").mkdir()     # not a case of this cohort: another run's, left alone
+    os.rename(out / victim, out / f"{outputs.TMP_PREFIX}{victim}-deadbeef0123")
+    other = f"{outputs.TMP_PREFIX}CT-other-0123456789ab"
+    (out / other).mkdir()     # not a case of this cohort: another run's, left alone
     third = run(ct_model, synthetic_root, out)
     assert third["predicted"] == 1 and third["reused"] == 5
-    assert (out / victim / "record.json").is_file()
-    assert [p.name for p in out.glob(".tmp-*")] == [".tmp-CT-other-0123456789ab"]
+    assert outputs.read_record(out / victim) is not None
+    assert [p.name for p in out.glob(outputs.TMP_PREFIX + "*")] == [other]
     # other settings → recomputed
     fourth = run(ct_model, synthetic_root, out, threshold=0.7)
     assert fourth["predicted"] == 6
@@ -329,7 +333,7 @@ def test_corrupt_case_fails_alone(synthetic_root, ct_model, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["--model", str(ct_model), "--input", str(src), "--out", str(out), "--workers", "1"])
     assert code == 1
-    rows = {r["case_id"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    rows = {r["case_id"]: r for r in csv.DictReader(open(outputs.summary_files(out)[0]))}
     assert rows[bad.case_id]["status"] == "failed" and victim.name in rows[bad.case_id]["reason"]
     assert all(r["status"] == "predicted" for c, r in rows.items() if c != bad.case_id)
     assert not (out / bad.case_id).exists()
@@ -383,45 +387,44 @@ def test_shards_share_out_then_one_summary_by_reuse(synthetic_root, ct_model, tm
     out = tmp_path / "out"
     out.mkdir()
     # another task's case in flight and its failure note; a temporary of a case whose id extends ours
-    foreign_tmp = out / f".tmp-{cases[0]}-0123456789ab"
-    lookalike = out / f".tmp-{cases[1]}-old-0123456789ab"        # case "<id>-old" in flight, not ours
-    (out / ".failed").mkdir()
-    foreign_note = out / ".failed" / f"{cases[0]}.json"
+    foreign_tmp = out / f"{outputs.TMP_PREFIX}{cases[0]}-0123456789ab"
+    lookalike = out / f"{outputs.TMP_PREFIX}{cases[1]}-old-0123456789ab"   # case "<id>-old" in flight, not ours
+    foreign_note, own_note = outputs.failure_note(out, cases[0]), outputs.failure_note(out, cases[1])
+    foreign_note.parent.mkdir()
     for p in (foreign_tmp, lookalike):
         p.mkdir()
     foreign_note.write_text("{}")
-    own_stale = out / f".tmp-{cases[1]}-old-89abcdef"               # left by a killed task 1 earlier
+    own_stale = out / f"{outputs.TMP_PREFIX}{cases[1]}-old-89abcdef"          # left by a killed task 1 earlier
     own_stale.mkdir()
-    (out / ".failed" / f"{cases[1]}.json").write_text('{"reason": "old"}')
+    own_note.write_text('{"reason": "old"}')
 
     for i in (1, 2, 0):
         summary = run(ct_model, synthetic_root, out, shard=f"{i}/3")
         assert summary["shard"] == {"index": i, "count": 3} and summary["cohort_cases"] == 6
         assert [r["case_id"] for r in summary["cases"]] == cases[i::3]
         assert {r["status"] for r in summary["cases"]} == {"predicted"}
-        assert summary_ids(out / f"summary-shard-{i}-of-3.csv") == cases[i::3]
-        doc = json.loads((out / f"summary-shard-{i}-of-3.json").read_text())
+        shard_csv, shard_json = outputs.summary_files(out, Shard(i, 3))
+        assert summary_ids(shard_csv) == cases[i::3]
+        doc = json.loads(shard_json.read_text())
         assert doc["cases_total"] == 2 and doc["predicted"] == 2
         if i == 1:                       # task 1 cleaned only its own leftovers
             assert foreign_tmp.is_dir() and lookalike.is_dir() and foreign_note.is_file()
-            assert not own_stale.exists() and not (out / ".failed" / f"{cases[1]}.json").exists()
+            assert not own_stale.exists() and not own_note.exists()
             foreign_tmp.rmdir()          # (task 0 would have renamed it into place)
         said = capsys.readouterr().out
         assert ("all 3 shard summaries" in said) == (i == 0)
-    assert not (out / "summary.csv").exists()
+    assert not outputs.summary_files(out)[0].exists()
     assert sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")) == sorted(cases)
-    records = {c: json.loads((out / c / "record.json").read_text()) for c in cases}
+    records = {c: outputs.read_record(out / c) for c in cases}
 
     # the same command without --shard: every case reused, nothing predicted, one summary.csv for the cohort
     whole = run(ct_model, synthetic_root, out)
     assert whole["reused"] == 6 and whole["predicted"] == 0 and whole["slices_predicted"] == 0
-    assert whole["shard"] is None and sorted(summary_ids(out / "summary.csv")) == sorted(cases)
-    assert {c: json.loads((out / c / "record.json").read_text()) for c in cases} == records
+    assert whole["shard"] is None and sorted(summary_ids(outputs.summary_files(out)[0])) == sorted(cases)
+    assert {c: outputs.read_record(out / c) for c in cases} == records
 
 
 def test_store_shards(synthetic_store, mr_model, tmp_path):
-    from dlseg.store import Store
-
     val = Store(synthetic_store).split_cases("val")
     out = tmp_path / "out"
     got = [[r["case_id"] for r in run(mr_model, synthetic_store, out, split="val", shard=f"{i}/2")["cases"]]
@@ -435,23 +438,24 @@ def test_empty_shard_is_success(ct_model, synthetic_root, tmp_path, capsys):
     code = main(["--model", str(ct_model), "--input", str(synthetic_root), "--out", str(out), "--shard", "6/7"])
     said = capsys.readouterr().out
     assert code == 0 and "shard 6/7 has no cases" in said
-    doc = json.loads((out / "summary-shard-6-of-7.json").read_text())
+    shard_csv, shard_json = outputs.summary_files(out, Shard(6, 7))
+    doc = json.loads(shard_json.read_text())
     assert doc["cases_total"] == 0 and doc["cases"] == [] and doc["cohort_cases"] == 6
-    assert summary_ids(out / "summary-shard-6-of-7.csv") == []
-    assert not (out / "summary.csv").exists()
+    assert summary_ids(shard_csv) == []
+    assert not outputs.summary_files(out)[0].exists()
 
 
 def test_clean_stale_touches_only_named_cases(tmp_path):
     for name in (".tmp-A-0123456789ab", ".tmp-A-old-01234567", ".tmp-A-B-0123456789ab", ".tmp-AB-0123456789ab",
                  ".tmp-A-old-0123456789ab", ".tmp-A-xyz"):
         (tmp_path / name).mkdir()
-    (tmp_path / ".failed").mkdir()
+    (tmp_path / outputs.FAILED_DIR).mkdir()
     for name in ("A.json", ".A.json.0123abcd.tmp", "A-B.json", "AB.json"):
-        (tmp_path / ".failed" / name).write_text("{}")
+        (tmp_path / outputs.FAILED_DIR / name).write_text("{}")
     assert clean_stale(tmp_path, ["A"]) == 4
     assert sorted(p.name for p in tmp_path.glob(".tmp-*")) == [
         ".tmp-A-B-0123456789ab", ".tmp-A-old-0123456789ab", ".tmp-A-xyz", ".tmp-AB-0123456789ab"]
-    assert sorted(p.name for p in (tmp_path / ".failed").iterdir()) == ["A-B.json", "AB.json"]
+    assert sorted(p.name for p in (tmp_path / outputs.FAILED_DIR).iterdir()) == ["A-B.json", "AB.json"]
 
 
 # ---------------------------------------------------------------------------------------------------- other inputs
@@ -472,7 +476,7 @@ def test_generic_dicom_tree(synthetic_root, mr_model, tmp_path):
     assert all(c.startswith("MR-series-") for c in ids)
     pred = Predictor.load(mr_model)
     for cid in ids:
-        sources = json.loads((out / cid / "sources.json").read_text())
+        sources = outputs.read_sources(out / cid)
         files = [tree / s for s in sources.values()]
         volume = read_series(files)
         zs = [p[2] for p in volume.positions]
@@ -481,8 +485,6 @@ def test_generic_dicom_tree(synthetic_root, mr_model, tmp_path):
 
 
 def test_store_input_with_overlays(synthetic_store, mr_model, tmp_path):
-    from dlseg.store import Store
-
     store = Store(synthetic_store)
     out = tmp_path / "out"
     summary = run(mr_model, synthetic_store, out, split="val", overlays=True)
@@ -494,14 +496,14 @@ def test_store_input_with_overlays(synthetic_store, mr_model, tmp_path):
         image, _ = store.read_case(cid)
         pngs = read_pngs(out / cid)
         assert pngs.shape == tuple(info.shape)
-        sources = json.loads((out / cid / "sources.json").read_text())
+        sources = outputs.read_sources(out / cid)
         assert list(sources.values()) == info.attrs["source_files"]
         inputs, mapping = pred.prepare(image, info.attrs["stats"])
         t = torch.from_numpy(inputs)
         ref = np.stack([mapping.inverse(pred.probabilities(t[z:z + 1, None])[0].numpy()) for z in range(len(t))])
         assert_matches_reference(pngs, ref)
-        overlay = cv2.imread(str(out / cid / "overlays" / "slice_0000.png"))
         z, h, w = info.shape
+        overlay = cv2.imread(str(out / cid / outputs.OVERLAYS / slice_names(z)[0]))
         assert overlay.shape == (h, 3 * w + 4, 3)           # image | truth | prediction
     with pytest.raises(Exception, match="no split named"):
         run(mr_model, synthetic_store, tmp_path / "o2", split="nonsense")
@@ -529,17 +531,16 @@ def test_two_processes_split_a_shard_and_write_each_case_once(synthetic_root, ct
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "on 2 process(es)" in proc.stdout
-    summary = json.loads((out / "summary-shard-1-of-2.json").read_text())
+    summary = json.loads(outputs.summary_files(out, Shard(1, 2))[1].read_text())
     assert summary["world_size"] == 2 and summary["predicted"] == 3
     assert [r["case_id"] for r in summary["cases"]] == cases[1::2]      # the shard's cases, split over the ranks
-    records = [json.loads((out / r["case_id"] / "record.json").read_text()) for r in summary["cases"]]
+    records = [outputs.read_record(out / r["case_id"]) for r in summary["cases"]]
     assert {r["rank"] for r in records} == {0, 1} and all(r["world_size"] == 2 for r in records)
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert folders == sorted(cases[1::2])                   # every case exactly once, nothing temporary
 
 
 def test_batch_and_workers_default_by_device():
-    from dlseg.predictor import PredictConfig
     cpu, gpu = PredictConfig().for_device("cpu"), PredictConfig().for_device("cuda:1")
     assert (cpu.batch_size, cpu.workers) == (8, 0) and (gpu.batch_size, gpu.workers) == (64, 2)
     given = PredictConfig(batch_size=5, workers=3)

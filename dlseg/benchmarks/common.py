@@ -24,7 +24,7 @@ import zarr
 
 from dlseg.config import option
 from dlseg.console import console
-from dlseg.predictor import PredictConfig
+from dlseg.inference.config import PredictConfig
 from dlseg.preprocessing.synthetic_store import CHAOS_NAME, STORE_NAME, synthetic_store
 from dlseg.store import CHUNK_BYTES
 

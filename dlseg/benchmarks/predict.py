@@ -1,13 +1,13 @@
 """Predict stage: end-to-end slices/s from DICOM folders to PNG files vs the forward pass alone and vs one slice
 at a time; prediction memory at a small and a large cohort.
 
-* ``end_to_end``: ``predictor.predict_cohort`` on a CHAOS tree (DICOM + PNG out, case-loading workers, packed
+* ``end_to_end``: ``predict_cohort`` on a CHAOS tree (DICOM + PNG out, case-loading workers, packed
   batches, writer threads), in a fresh process so that its peak memory is its own; the rate is the prediction
-  loop's (first case read → last PNG written, as the predictor reports it); ``end_to_end_wall`` is the whole call
+  loop's (first case read → last PNG written, as the run reports it); ``end_to_end_wall`` is the whole call
   (model loading, discovery, worker start-up included);
-* ``forward_ceiling``: ``Predictor.forward_in_memory``: the same model, precision and batch size over the same
+* ``forward_ceiling``: ``forward_in_memory``: the same model, precision and batch size over the same
   cases' slices already prepared and on the device;
-* ``slice_by_slice``: ``predictor.slicewise_baseline``, the article's predict: read a series, one slice per forward
+* ``slice_by_slice``: ``slicewise_baseline``, the article's predict: read a series, one slice per forward
   pass, one PNG per slice.
 
 The model has the benchmark's architecture with random weights whose output layer is rescaled so that logits
@@ -17,12 +17,25 @@ The large cohort repeats the synthetic patients (symlinked folders) to reach its
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
+
+from dlseg.export import export_model
+from dlseg.inference import outputs
+from dlseg.inference.config import PredictConfig
+from dlseg.inference.predictor import Predictor
+from dlseg.inference.runner import predict_cohort
+from dlseg.model import build_model
+from dlseg.normalize import NormConfig
+from dlseg.sources.dicom import read_series
+from dlseg.sources.layout import discover
+from dlseg.store import Store
 
 from .common import BenchConfig, BenchSkip, Cohort, Comparison, StageResult, Timing, isolated, memory_check, \
     quiet_console, replicated_tree, sync
@@ -30,10 +43,6 @@ from .common import BenchConfig, BenchSkip, Cohort, Comparison, StageResult, Tim
 
 def export_bench_model(cfg: BenchConfig, out: Path) -> Path:
     """A U-Net of the benchmark's size with random weights (output spread ±8), exported like a trained one."""
-    from dlseg.export import export_model
-    from dlseg.model import build_model
-    from dlseg.normalize import NormConfig
-
     torch.manual_seed(cfg.seed)
     arch = {"name": "unet", "in_channels": 1, "num_classes": 1, "base_width": cfg.base_width, "depth": cfg.depth,
             "bilinear": True}
@@ -51,8 +60,6 @@ def export_bench_model(cfg: BenchConfig, out: Path) -> Path:
 
 def end_to_end(model: str, tree: str, out: str, cfg: BenchConfig) -> dict:
     """``predict_cohort`` DICOM → PNG into a fresh folder; slices, seconds and the loop's own figures."""
-    from dlseg.predictor import PredictConfig, predict_cohort
-
     shutil.rmtree(out, ignore_errors=True)
     pc = PredictConfig(model=model, input=tree, out=out, input_kind="chaos", batch_size=cfg.predict_batch_size,
                        workers=cfg.predict_workers, mixed_precision=cfg.mixed_precision)
@@ -73,18 +80,37 @@ def loop_timing(e2e: dict) -> Timing:
     return Timing(e2e["slices"], e2e["slices"] / e2e["loop_images_per_s"])
 
 
-def ceiling_pass(predictor, slices: torch.Tensor, cfg: BenchConfig) -> Timing:
+def forward_in_memory(predictor: Predictor, slices: torch.Tensor, batch_size: int) -> int:
+    """The ceiling: the forward pass alone over in-memory (N, C, S, S) slices; returns N."""
+    for i in range(0, slices.shape[0], batch_size):
+        predictor.probabilities(slices[i:i + batch_size])
+    if predictor.device.type == "cuda":
+        torch.cuda.synchronize(predictor.device)
+    return int(slices.shape[0])
+
+
+def slicewise_baseline(predictor: Predictor, files: list[str | os.PathLike], out_dir: str | os.PathLike,
+                       label_value: int = outputs.LIVER_GRAY) -> int:
+    """The article's way: read a series, then one slice per forward pass and one PNG per slice."""
+    labels = predictor.segment(read_series(files).image, batch_size=1)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    values = outputs.png_values(labels, predictor.num_classes, label_value)
+    for name, sl in zip(outputs.slice_names(len(values)), values):
+        cv2.imwrite(str(out / name), sl)
+    return int(labels.shape[0])
+
+
+def ceiling_pass(predictor: Predictor, slices: torch.Tensor, cfg: BenchConfig) -> Timing:
     """The forward pass alone over slices already on the device."""
     sync(cfg.device)
     start = time.perf_counter()
-    n = predictor.forward_in_memory(slices, cfg.predict_batch_size)
+    n = forward_in_memory(predictor, slices, cfg.predict_batch_size)
     return Timing(n, time.perf_counter() - start)
 
 
-def prepared_slices(predictor, store_path: Path) -> torch.Tensor:
+def prepared_slices(predictor: Predictor, store_path: Path) -> torch.Tensor:
     """Every case of the store prepared exactly as prediction prepares it: (N, 1, S, S) float32."""
-    from dlseg.store import Store
-
     store = Store(store_path)
     volumes = []
     for cid in store.cases:
@@ -93,11 +119,41 @@ def prepared_slices(predictor, store_path: Path) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(volumes))[:, None]
 
 
+def add_comparisons(res: StageResult, large_n: int) -> None:
+    """End to end against the forward pass alone and against one slice at a time."""
+    res.compare(Comparison("end-to-end DICOM→PNG (prediction loop) vs forward pass alone (ceiling)", "end_to_end",
+                           "forward_ceiling", "fraction of the model's in-memory speed kept end to end, from the "
+                           "first case read to the last PNG written", goal_min=0.8))
+    res.compare(Comparison("end-to-end DICOM→PNG (whole call, start-up included) vs forward pass alone",
+                           "end_to_end_wall", "forward_ceiling", "the same, counting model loading, discovery and "
+                           "worker start-up (they weigh more the smaller the cohort)"))
+    res.compare(Comparison("end-to-end DICOM→PNG vs one slice at a time (article)", "end_to_end", "slice_by_slice",
+                           "times faster than the article's predict loop"))
+    res.compare(Comparison(f"end-to-end on {large_n} cases (prediction loop) vs forward pass alone",
+                           f"end_to_end_{large_n}_cases", "forward_ceiling", "the same at the larger cohort"))
+
+
+def add_memory(res: StageResult, cfg: BenchConfig, mem_small: dict, mem_large: dict) -> None:
+    """Peak memory at both cohort sizes; with isolated runs, the check that it does not grow with the cohort."""
+    small_n, large_n = cfg.memory_cases
+    res.memory = {f"{small_n}_cases_main_peak_rss_mb": mem_small["peak_rss_mb"],
+                  f"{large_n}_cases_main_peak_rss_mb": mem_large["peak_rss_mb"],
+                  f"{small_n}_cases_worker_peak_rss_mb": mem_small["children_peak_rss_mb"],
+                  f"{large_n}_cases_worker_peak_rss_mb": mem_large["children_peak_rss_mb"]}
+    if cfg.isolate:
+        res.memory_checks.append(memory_check(
+            f"prediction peak memory, {large_n} vs {small_n} cases (main process)", mem_large["peak_rss_mb"],
+            mem_small["peak_rss_mb"], 1.10,
+            "peak RSS at the large cohort ÷ at the small one; ≤ 1.10 = does not grow"))
+        if cfg.predict_workers > 0:   # no loader processes: cases are loaded in the main process
+            res.memory_checks.append(memory_check(
+                f"prediction peak memory, {large_n} vs {small_n} cases (largest loader worker)",
+                mem_large["children_peak_rss_mb"], mem_small["children_peak_rss_mb"], 1.10,
+                "the same for the case-loading worker processes"))
+
+
 def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     """Measure end-to-end prediction, its ceiling and the slice-by-slice baseline; memory at two cohort sizes."""
-    from dlseg.predictor import Predictor, slicewise_baseline
-    from dlseg.sources.layout import discover
-
     if cohort.chaos is None:
         raise BenchSkip("needs DICOM folders (--source) to predict from")
     cfg = cfg.with_predict_defaults()   # a no-op when parse_args already filled them in
@@ -115,7 +171,7 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     if cfg.quick:
         slices = slices[:4 * cfg.predict_batch_size]
     slices = slices.to(cfg.device)
-    predictor.forward_in_memory(slices[:cfg.predict_batch_size], cfg.predict_batch_size)   # warm-up
+    forward_in_memory(predictor, slices[:cfg.predict_batch_size], cfg.predict_batch_size)   # warm-up
     half = (len(slices) // 2 // cfg.predict_batch_size) * cfg.predict_batch_size or len(slices)
 
     # The ceiling is timed in two halves around the end-to-end runs, so that a drifting load weighs on both.
@@ -138,30 +194,8 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     res.add(f"end_to_end_{large_n}_cases", loop_timing(e2e_large))
     shutil.rmtree(work, ignore_errors=True)
 
-    res.compare(Comparison("end-to-end DICOM→PNG (prediction loop) vs forward pass alone (ceiling)", "end_to_end",
-                           "forward_ceiling", "fraction of the model's in-memory speed kept end to end, from the "
-                           "first case read to the last PNG written", goal_min=0.8))
-    res.compare(Comparison("end-to-end DICOM→PNG (whole call, start-up included) vs forward pass alone",
-                           "end_to_end_wall", "forward_ceiling", "the same, counting model loading, discovery and "
-                           "worker start-up (they weigh more the smaller the cohort)"))
-    res.compare(Comparison("end-to-end DICOM→PNG vs one slice at a time (article)", "end_to_end", "slice_by_slice",
-                           "times faster than the article's predict loop"))
-    res.compare(Comparison(f"end-to-end on {large_n} cases (prediction loop) vs forward pass alone",
-                           f"end_to_end_{large_n}_cases", "forward_ceiling", "the same at the larger cohort"))
-    res.memory = {f"{small_n}_cases_main_peak_rss_mb": mem_small["peak_rss_mb"],
-                  f"{large_n}_cases_main_peak_rss_mb": mem_large["peak_rss_mb"],
-                  f"{small_n}_cases_worker_peak_rss_mb": mem_small["children_peak_rss_mb"],
-                  f"{large_n}_cases_worker_peak_rss_mb": mem_large["children_peak_rss_mb"]}
-    if cfg.isolate:
-        res.memory_checks.append(memory_check(
-            f"prediction peak memory, {large_n} vs {small_n} cases (main process)", mem_large["peak_rss_mb"],
-            mem_small["peak_rss_mb"], 1.10,
-            "peak RSS at the large cohort ÷ at the small one; ≤ 1.10 = does not grow"))
-        if cfg.predict_workers > 0:   # no loader processes: cases are loaded in the main process
-            res.memory_checks.append(memory_check(
-                f"prediction peak memory, {large_n} vs {small_n} cases (largest loader worker)",
-                mem_large["children_peak_rss_mb"], mem_small["children_peak_rss_mb"], 1.10,
-                "the same for the case-loading worker processes"))
+    add_comparisons(res, large_n)
+    add_memory(res, cfg, mem_small, mem_large)
     res.details.update({
         "cases": e2e_small["cases"], "slices": e2e_small["slices"], "large_cases": e2e_large["cases"],
         "large_slices": e2e_large["slices"], "ceiling_slices": n, "slicewise_cases": len(sources),

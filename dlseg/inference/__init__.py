@@ -1,0 +1,9 @@
+"""Prediction, one module per concern.
+
+* ``config``: ``PredictConfig`` (the flags of ``dlseg/predict.py``), device defaults, ``Shard``;
+* ``predictor``: the model wrapper (TTA, post-processing) with an in-memory API, no files;
+* ``inputs``: cohorts (CHAOS tree, DICOM tree, store) and the case loader;
+* ``outputs``: the prediction folder format, written and read;
+* ``records``: fingerprints, resume, summaries;
+* ``runner``: ``predict_cohort`` over the processes of a launch.
+"""
