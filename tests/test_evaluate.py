@@ -189,9 +189,10 @@ def test_unusable_arguments_exit_2(store, pred_dir, tmp_path, capsys):
 
 
 def test_workers_give_the_same_rows(store, pred_dir):
-    one, _ = evaluate.evaluate_folder(pred_dir, store, workers=1)
-    two, _ = evaluate.evaluate_folder(pred_dir, store, workers=2)
-    assert one == two
+    one, failed_one = evaluate.evaluate_folder(pred_dir, store, workers=1)
+    two, failed_two = evaluate.evaluate_folder(pred_dir, store, workers=2)
+    assert not failed_one and not failed_two
+    assert len(one) == len(outputs.prediction_cases(pred_dir)) >= 2 and one == two
 
 
 def test_empty_prediction_scores_documented_values(store, tmp_path):

@@ -242,7 +242,9 @@ def test_channels_last_and_bf16_agree_with_float32(tmp_path):
     cl = Predictor.load(model)
     assert cl.channels_last and torch.allclose(cl.probabilities(x), plain, atol=1e-5)
     bf16 = Predictor.load(model, mixed_precision="bf16").probabilities(x)
-    assert bf16.dtype == torch.float32 and torch.allclose(bf16, plain, atol=0.1)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, plain)    # autocast did run in bf16
+    diff = (bf16 - plain).abs()
+    assert diff.max() < 0.06 and diff.mean() < 5e-3            # bf16 rounding, not a different computation
 
 
 def test_empty_input_is_a_clear_error(ct_model, tmp_path, capsys):
@@ -335,6 +337,7 @@ def test_corrupt_case_fails_alone(synthetic_root, ct_model, tmp_path, capsys):
     assert code == 1
     rows = {r["case_id"]: r for r in csv.DictReader(open(outputs.summary_files(out)[0]))}
     assert rows[bad.case_id]["status"] == "failed" and victim.name in rows[bad.case_id]["reason"]
+    assert len(rows) == len(cases) >= 2
     assert all(r["status"] == "predicted" for c, r in rows.items() if c != bad.case_id)
     assert not (out / bad.case_id).exists()
     assert "failed" in capsys.readouterr().out
