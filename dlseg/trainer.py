@@ -41,7 +41,7 @@ from dlseg.train_config import TrainConfig, accelerator_kwargs, check_config, se
 from dlseg.validation import Scores, ValidationCounts, evaluate
 
 EXIT_FAILED = 1               # training stopped (e.g. too many non-finite losses in a row)
-THRESHOLD = 0.5
+THRESHOLD = 0.5               # probability above which the exported model predicts foreground
 
 
 class TrainingError(UserError):
