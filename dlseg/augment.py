@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 import torch
 
+from dlseg.config import option
 from dlseg.resample import Workspace, resample
 
 
@@ -39,16 +40,16 @@ from dlseg.resample import Workspace, resample
 class AugmentConfig:
     """Training augmentation: each transform's probability (the article's values) and magnitudes."""
 
-    enabled: bool = True
-    hflip: float = 0.8
-    vflip: float = 0.8
-    transpose: float = 0.8
-    scale: float = 0.5
-    scale_limit: float = 0.1          # zoom factor drawn from [1 - l, 1 + l]
-    rotate90: float = 0.8
-    brightness_contrast: float = 0.8
-    brightness_limit: float = 0.2     # additive, in normalized intensity units
-    contrast_limit: float = 0.2       # multiplicative: factor in [1 - l, 1 + l]
+    enabled: bool = option("augment training samples", True)
+    hflip: float = option("probability of a horizontal flip", 0.8)
+    vflip: float = option("probability of a vertical flip", 0.8)
+    transpose: float = option("probability of a transpose", 0.8)
+    scale: float = option("probability of a zoom about the centre", 0.5)
+    scale_limit: float = option("zoom factor drawn from [1 - l, 1 + l]", 0.1)
+    rotate90: float = option("probability of a rotation by k·90°", 0.8)
+    brightness_contrast: float = option("probability of a brightness/contrast change", 0.8)
+    brightness_limit: float = option("additive shift within ±l, in normalized intensity units", 0.2)
+    contrast_limit: float = option("multiplicative factor within [1 - l, 1 + l]", 0.2)
 
 
 PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "brightness_contrast")

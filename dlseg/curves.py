@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
 from dlseg.fileio import atomic_save, atomic_write
 
 METRICS = "metrics.jsonl"
@@ -45,14 +47,14 @@ def append_metrics(run_dir: str | os.PathLike, row: dict[str, Any]) -> None:
 
 
 def plot_curves(run_dir: str | os.PathLike) -> Path:
-    """Draw train/val loss and mean val Dice per epoch into ``curves.png`` (atomically)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Draw train/val loss and mean val Dice per epoch into ``curves.png`` (atomically).
 
+    A bare ``Figure`` (no pyplot) draws with Agg without touching the process's global backend.
+    """
     rows = read_metrics(run_dir)
     epochs = [r["epoch"] + 1 for r in rows]
-    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_dice = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], "s-", label="val")
     ax_loss.set_xlabel("epoch")
@@ -66,8 +68,4 @@ def plot_curves(run_dir: str | os.PathLike) -> Path:
     for ax in (ax_loss, ax_dice):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = Path(run_dir) / CURVES
-    try:
-        return atomic_save(out, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    return atomic_save(Path(run_dir) / CURVES, lambda tmp: fig.savefig(tmp, format="png", dpi=100))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dlseg.config import option
 from dlseg.normalize import NormConfig, prepare_mask, prepare_volume
 from dlseg.store import Store, StoreError
 from dlseg.workers import one_core
@@ -51,19 +52,19 @@ class DataConfig:
     in the main process when ``workers == 0``), plus ``prefetch_factor`` batches per worker in flight.
     """
 
-    size: int = 256                      # square training size (pixels)
-    context_slices: int = 0              # 2.5D: k neighbours on each side as channels (C = 2k+1); edges replicate
-    batch_size: int = 8                  # per process
-    val_batch_size: int = 16
-    workers: int = 2                     # DataLoader workers per process
-    prefetch_factor: int = 4             # batches prefetched per worker
-    pin_memory: bool = True              # used only when CUDA is available
-    persistent_workers: bool = True      # keep workers (and their caches) between epochs
-    cache_mb: int = 1024                 # per-worker budget for prepared cases
-    oversample_foreground: float = 0.0   # 0 = uniform; p > 0 = fraction of draws from slices with foreground
-    train_split: str = "train"
-    val_split: str = "val"
-    ct_window: tuple[float, float] = (-150.0, 250.0)  # CT HU window → [-1, 1]
+    size: int = option("square training size (pixels)", 256)
+    context_slices: int = option("2.5D: k neighbours on each side as channels (C = 2k+1); edges replicate", 0)
+    batch_size: int = option("training batch size per process", 8)
+    val_batch_size: int = option("validation batch size per process", 16)
+    workers: int = option("DataLoader workers per process", 2)
+    prefetch_factor: int = option("batches prefetched per worker", 4)
+    pin_memory: bool = option("pin batches in memory (used only when CUDA is available)", True)
+    persistent_workers: bool = option("keep workers (and their caches) between epochs", True)
+    cache_mb: int = option("per-worker budget for prepared cases (MB)", 1024)
+    oversample_foreground: float = option("0 = uniform; p > 0 = fraction of draws from slices with foreground", 0.0)
+    train_split: str = option("store split trained on", "train")
+    val_split: str = option("store split validated on", "val")
+    ct_window: tuple[float, float] = option("CT HU window mapped to [-1, 1]", (-150.0, 250.0))
 
 
 def norm_config(cfg: DataConfig) -> NormConfig:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dlseg.config import ConfigError
+from dlseg.config import ConfigError, option
 
 DICE_SMOOTH = 1.0
 
@@ -30,10 +30,11 @@ DICE_SMOOTH = 1.0
 class LossConfig:
     """The loss section of the training config."""
 
-    name: str = "focal"
-    alpha: float | list[float] | None = 0.25   # binary: weight of positives; multi-class: per-class list or scalar
-    gamma: float = 2.0
-    dice_weight: float = 0.0                  # total = focal + dice_weight * (1 - soft Dice over foreground)
+    name: str = option("loss (focal)", "focal")
+    alpha: float | list[float] | None = option(
+        "binary: weight of positives; multi-class: per-class list or scalar; unset = no weighting", 0.25)
+    gamma: float = option("focusing exponent: (1 - p_t)**gamma", 2.0)
+    dice_weight: float = option("total = focal + dice_weight * (1 - soft Dice over foreground)", 0.0)
 
 
 def binary_focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float | None = 0.25,

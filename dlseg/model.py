@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlseg.config import option
+
 ARCH_NAMES = ("unet",)
 ARCH_KEYS = ("name", "in_channels", "num_classes", "base_width", "depth", "bilinear")
 
@@ -125,11 +127,12 @@ class UNet(nn.Module):
 class ModelConfig:
     """The model section of the training config (input channels and classes come from the data)."""
 
-    name: str = "unet"
-    base_width: int = 64
-    depth: int = 4
-    bilinear: bool = True
-    channels_last: bool = False  # the trainer/predictor convert model and inputs; not part of the architecture
+    name: str = option("architecture (unet)", "unet")
+    base_width: int = option("channels of the first level, doubled at each level down", 64)
+    depth: int = option("down-sampling steps (inputs at least 2**depth pixels wide)", 4)
+    bilinear: bool = option("bilinear upsampling (else transposed convolutions)", True)
+    channels_last: bool = option("channels-last memory format for model and inputs (not part of the architecture)",
+                                 False)
 
 
 def arch_dict(cfg: ModelConfig, in_channels: int, num_classes: int) -> dict[str, Any]:

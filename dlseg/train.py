@@ -21,7 +21,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from dlseg.config import build_parser, config_from_namespace, resolve  # noqa: E402
 from dlseg.console import run_entry  # noqa: E402
 from dlseg.errors import ConfigError  # noqa: E402
-from dlseg.trainer import TrainConfig, run  # noqa: E402
+from dlseg.train_config import TrainConfig  # noqa: E402
+from dlseg.trainer import run  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 

@@ -10,20 +10,30 @@ import subprocess
 import sys
 import time
 import types
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from accelerate.utils import InitProcessGroupKwargs
 from safetensors.torch import load_file
 
 from dlseg import checkpoint as ckpt
 from dlseg import curves, trainer
 from dlseg.config import ConfigError, from_dict
+from dlseg.data import DataConfig, EpochSampler, build_train_loader, build_val_loader
+from dlseg.distributed import check_launch
 from dlseg.export import load_model
+from dlseg.optim import SchedConfig, lr_factor
+from dlseg.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
+from dlseg.runlog import data_wait_hint
 from dlseg.store import Store
+from dlseg.task import ensure_synthetic
 from dlseg.train import main as train_main
 from dlseg.train import parse
+from dlseg.train_config import TrainConfig, accelerator_kwargs, set_cpu_threads
+from dlseg.validation import ValidationCounts, confusion_counts, dice_per_case, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "dlseg" / "train.py")
@@ -90,8 +100,8 @@ def test_config_errors_exit_2_naming_the_key(argv, key, capsys, tmp_path):
 def test_launch_trap_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="WORLD_SIZE"):
-        trainer.check_launch(types.SimpleNamespace(num_processes=1))
-    trainer.check_launch(types.SimpleNamespace(num_processes=2))
+        check_launch(types.SimpleNamespace(num_processes=1))
+    check_launch(types.SimpleNamespace(num_processes=2))
 
 
 def test_mixed_precision_default_takes_the_launchers_and_explicit_wins(tmp_path):
@@ -99,7 +109,7 @@ def test_mixed_precision_default_takes_the_launchers_and_explicit_wins(tmp_path)
         "import json, sys\n"
         "from accelerate import Accelerator\n"
         "from accelerate.state import AcceleratorState\n"
-        "from dlseg.trainer import TrainConfig, accelerator_kwargs\n"
+        "from dlseg.train_config import TrainConfig, accelerator_kwargs\n"
         "got = []\n"
         "for mp in (None, 'no', 'fp16'):\n"
         "    got.append(Accelerator(**accelerator_kwargs(TrainConfig(mixed_precision=mp, out=sys.argv[1])))"
@@ -114,32 +124,28 @@ def test_mixed_precision_default_takes_the_launchers_and_explicit_wins(tmp_path)
 
 
 def test_dist_timeout_builds_the_process_group_kwargs():
-    from datetime import timedelta
-
-    from accelerate.utils import InitProcessGroupKwargs
-
     cfg = parse(["--dist_timeout_s", "42"])
-    (handler,) = trainer.accelerator_kwargs(cfg)["kwargs_handlers"]
+    (handler,) = accelerator_kwargs(cfg)["kwargs_handlers"]
     assert isinstance(handler, InitProcessGroupKwargs)
     assert handler.to_kwargs() == {"timeout": timedelta(seconds=42)}          # backend left to Accelerate
-    assert trainer.TrainConfig().dist_timeout_s == 1800
+    assert TrainConfig().dist_timeout_s == 1800
 
 
 def test_schedules():
-    s = trainer.SchedConfig(name="step", step_size=4, gamma=0.1)
-    assert [round(trainer.lr_factor(s, e, 20), 6) for e in (0, 3, 4, 8)] == [1, 1, 0.1, 0.01]
-    c = trainer.SchedConfig(name="cosine", warmup_epochs=2)
-    assert trainer.lr_factor(c, 0, 12) == pytest.approx(1 / 3) and trainer.lr_factor(c, 2, 12) == 1.0
-    assert trainer.lr_factor(c, 12, 12) == pytest.approx(0.0)
+    s = SchedConfig(name="step", step_size=4, gamma=0.1)
+    assert [round(lr_factor(s, e, 20), 6) for e in (0, 3, 4, 8)] == [1, 1, 0.1, 0.01]
+    c = SchedConfig(name="cosine", warmup_epochs=2)
+    assert lr_factor(c, 0, 12) == pytest.approx(1 / 3) and lr_factor(c, 2, 12) == 1.0
+    assert lr_factor(c, 12, 12) == pytest.approx(0.0)
 
 
 def test_dice_from_counts():
     logits = torch.tensor([[[[5.0, -5.0], [5.0, -5.0]]], [[[-5.0, -5.0], [-5.0, -5.0]]]])
     mask = torch.tensor([[[1, 1], [0, 0]], [[0, 0], [0, 0]]])
-    counts = trainer.confusion_counts(logits, mask, 1)
+    counts = confusion_counts(logits, mask, 1)
     assert counts.tolist() == [[[1, 1, 1]], [[0, 0, 0]]]
-    table = torch.tensor([[2, 1, 1, 1], [1, 0, 0, 0]])        # [slices, TP, FP, FN]
-    assert trainer.dice_per_case(table) == [pytest.approx(0.5), 1.0]
+    table = torch.tensor([[[1, 1, 1]], [[0, 0, 0]]])          # per case, per class: [TP, FP, FN]
+    assert dice_per_case(table) == [pytest.approx(0.5), 1.0]
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -153,7 +159,7 @@ def test_run_writes_everything(reference_run, synthetic_store):
     assert [r["lr"] for r in rows] == [1e-3, 5e-4]                             # StepLR per epoch
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "world size 1" in (out / "train.log").read_text()
-    saved = from_dict(trainer.TrainConfig, yaml.safe_load((out / "config.yaml").read_text()))
+    saved = from_dict(TrainConfig, yaml.safe_load((out / "config.yaml").read_text()))
     assert saved == parse(tiny(synthetic_store, out, "--epochs", "2"))
     names = [p.name for p in ckpt.list_checkpoints(out)]
     best = max(rows, key=lambda r: r["val_dice_mean"])
@@ -168,10 +174,13 @@ def test_run_writes_everything(reference_run, synthetic_store):
 def test_resume_after_epoch_1_equals_uninterrupted(reference_run, synthetic_store, tmp_path):
     out = tmp_path / "split"
     assert trainer.run(parse(tiny(synthetic_store, out, "--epochs", "1"))) == 0
+    (first,) = curves.read_metrics(out)
     assert trainer.run(parse(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto"))) == 0
     assert_same_weights(final_weights(out), final_weights(reference_run))
     ref, got = curves.read_metrics(reference_run), curves.read_metrics(out)
     assert [r["val_dice"] for r in got] == [r["val_dice"] for r in ref]
+    assert got[0] == first                        # epoch 1 resumed from its checkpoint, not trained again
+    assert "resumed from" in (out / "train.log").read_text()
 
 
 def test_sigusr1_saves_exits_75_and_resume_matches(reference_run, synthetic_store, tmp_path):
@@ -184,10 +193,12 @@ def test_sigusr1_saves_exits_75_and_resume_matches(reference_run, synthetic_stor
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == trainer.EXIT_PREEMPTED, err
-    assert json.loads((out / trainer.PREEMPTED_MARKER).read_text())["exit"] == trainer.EXIT_PREEMPTED
+    assert proc.returncode == EXIT_PREEMPTED, err
+    marker = json.loads((out / PREEMPTED_MARKER).read_text())
+    assert marker["exit"] == EXIT_PREEMPTED
     assert trainer.run(parse(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto"))) == 0
-    assert not (out / trainer.PREEMPTED_MARKER).exists()
+    assert not (out / PREEMPTED_MARKER).exists()
+    assert f"resumed from {out / ckpt.CHECKPOINTS / marker['checkpoint']} " in (out / "train.log").read_text()
     assert_same_weights(final_weights(out), final_weights(reference_run))
     assert [r["epoch"] for r in curves.read_metrics(out)] == [0, 1]
 
@@ -208,8 +219,6 @@ def _free_port() -> int:
 
 
 def test_two_cpu_ranks(synthetic_store, tmp_path):
-    from dlseg.data import DataConfig, build_train_loader, build_val_loader
-
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -229,7 +238,6 @@ def test_two_cpu_ranks(synthetic_store, tmp_path):
     # Shards: rank r trained on batches r, r+2, … of the single-process epoch order; together all of them.
     cfg = DataConfig(size=32, workers=0, batch_size=4)
     dataset = build_train_loader(synthetic_store, cfg, seed=0).dataset
-    from dlseg.data import EpochSampler
     order = EpochSampler(dataset, seed=0).order(0).tolist()
     ids = [f"{dataset.case_ids[c]}:{z}" for c, z in dataset.index[order].tolist()]
     batches = [ids[i:i + 4] for i in range(0, len(ids) - len(ids) % 4, 4)]
@@ -241,9 +249,9 @@ def test_two_cpu_ranks(synthetic_store, tmp_path):
     # Validation Dice over 2 ranks equals one process on the same weights.
     model, meta = load_model(out / "model")
     val = build_val_loader(synthetic_store, cfg)
-    counts, _ = trainer.case_counts(model, val, 1, len(val.dataset.case_ids))
-    assert counts[:, 0].tolist() == val.dataset.depths.tolist()
-    assert dict(zip(val.dataset.case_ids, trainer.dice_per_case(counts))) == row["val_dice"]
+    counts = evaluate(model, val, ValidationCounts(len(val.dataset.case_ids), 1))
+    assert counts.slices.tolist() == val.dataset.depths.tolist()
+    assert dict(zip(val.dataset.case_ids, counts.compute().dice)) == row["val_dice"]
     assert meta["val_dice"] == row["val_dice_mean"]
 
 
@@ -269,14 +277,14 @@ def test_cpu_threads_leave_cores_to_loader_workers(monkeypatch):
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-        cfg = trainer.TrainConfig()
+        cfg = TrainConfig()
         cfg.loader.workers = 1
-        assert trainer.set_cpu_threads(fake, cfg) == max(1, cores - 1) == torch.get_num_threads()
+        assert set_cpu_threads(fake, cfg) == max(1, cores - 1) == torch.get_num_threads()
         cfg.cpu_threads = 3
-        assert trainer.set_cpu_threads(fake, cfg) == 3
+        assert set_cpu_threads(fake, cfg) == 3
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         cfg.cpu_threads = 0
-        assert trainer.set_cpu_threads(fake, cfg) == 3                    # left as it is
+        assert set_cpu_threads(fake, cfg) == 3                    # left as it is
     finally:
         torch.set_num_threads(before)
 
@@ -284,7 +292,7 @@ def test_cpu_threads_leave_cores_to_loader_workers(monkeypatch):
 def test_ensure_synthetic_writes_t1_in_only_once(tmp_path):
     cfg = parse(["--out", str(tmp_path / "runs" / "demo"), "--synthetic.patients", "2",
                  "--synthetic.val_fraction", "0.5"])
-    store_path = trainer.ensure_synthetic(cfg)
+    store_path = ensure_synthetic(cfg)
     assert store_path == tmp_path / "runs" / "_synthetic" / "mr-p2-s0-v0.5" / "t1in.zarr"
     store = Store(store_path)
     assert sorted(store.split_cases("train") + store.split_cases("val")) == ["MR-1-T1in", "MR-2-T1in"]
@@ -292,12 +300,11 @@ def test_ensure_synthetic_writes_t1_in_only_once(tmp_path):
     assert (chaos / "T1DUAL" / "DICOM_anon" / "InPhase").is_dir()
     assert not (chaos / "T1DUAL" / "DICOM_anon" / "OutPhase").exists() and not (chaos / "T2SPIR").exists()
     before = (store_path / "zarr.json").stat().st_mtime_ns
-    assert trainer.ensure_synthetic(cfg) == store_path                       # reused, not regenerated
+    assert ensure_synthetic(cfg) == store_path                       # reused, not regenerated
     assert (store_path / "zarr.json").stat().st_mtime_ns == before
 
 
 def test_data_wait_hint_names_the_cure_for_the_setup():
-    from dlseg.trainer import data_wait_hint
     cpu = data_wait_hint(0.42, "cpu", 2)
     assert cpu.startswith("hint: 42 % of step time") and "raise loader.workers (now 2)" in cpu
     assert "--augment_on device" in cpu

@@ -23,6 +23,14 @@ import time
 
 import torch
 
+from dlseg.data import DataConfig, build_train_loader
+from dlseg.losses import LossConfig, build_loss
+from dlseg.model import ModelConfig, build_model
+from dlseg.optim import OptimConfig, build_optimizer
+from dlseg.runlog import EpochStats
+from dlseg.train_config import TrainConfig
+from dlseg.trainer import Trainer
+
 from .common import BenchConfig, Cohort, Comparison, StageResult, Timing, sync
 
 AMP = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,10 +38,6 @@ AMP = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def train_config(cfg: BenchConfig, cohort: Cohort, out: str):
     """The ``TrainConfig`` the benchmark trains with (quick mode: the validation split, a shorter epoch)."""
-    from dlseg.data import DataConfig
-    from dlseg.model import ModelConfig
-    from dlseg.trainer import TrainConfig
-
     loader = DataConfig(size=cfg.size, batch_size=cfg.batch_size, workers=cfg.workers,
                         train_split="val" if cfg.quick else "train")
     model = ModelConfig(base_width=cfg.base_width, depth=cfg.depth, channels_last=cfg.channels_last)
@@ -41,20 +45,18 @@ def train_config(cfg: BenchConfig, cohort: Cohort, out: str):
                        loader=loader, model=model, augment_on=cfg.augment_on)
 
 
-def trainer_epoch(trainer, epoch: int) -> Timing:
-    """Images and seconds of one training epoch of ``trainer`` (no validation, no checkpoint)."""
-    trainer.state.step_in_epoch = 0   # as Trainer._end_epoch leaves it; no public one-epoch hook yet
+def trainer_epoch(trainer: Trainer, epoch: int, stats: EpochStats) -> Timing:
+    """Images and seconds of one training epoch of ``trainer`` into ``stats`` (no validation, no checkpoint)."""
+    trainer.state.step_in_epoch = 0   # as Trainer.end_epoch leaves it
     sync(str(trainer.accelerator.device))
     start = time.perf_counter()
-    trainer._train_epoch(epoch)
+    trainer.train_one_epoch(epoch, stats)
     sync(str(trainer.accelerator.device))
-    return Timing(trainer.stats.images, time.perf_counter() - start)
+    return Timing(stats.images, time.perf_counter() - start)
 
 
 def memory_batches(cfg: BenchConfig, cohort: Cohort, split: str, n: int, device: str) -> list:
     """``n`` training batches (image, mask) prepared from the store and moved to ``device`` beforehand."""
-    from dlseg.data import DataConfig, build_train_loader
-
     loader = build_train_loader(cohort.store, DataConfig(size=cfg.size, batch_size=cfg.batch_size, workers=0,
                                                          train_split=split), seed=cfg.seed)
     batches = []
@@ -72,10 +74,6 @@ class BareLoop:
     """Forward/backward/step over in-memory batches: a fresh model, Adam and the focal loss, the same autocast."""
 
     def __init__(self, cfg: BenchConfig, arch: dict, num_classes: int, device: str):
-        from dlseg.losses import LossConfig, build_loss
-        from dlseg.model import build_model
-        from dlseg.trainer import OptimConfig, build_optimizer
-
         torch.manual_seed(cfg.seed)
         self.device = device
         self.model = build_model(arch).to(device)
@@ -119,8 +117,6 @@ def total(timings: list[Timing]) -> Timing:
 
 def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     """Measure trainer epochs and the bare loop over as many batches."""
-    from dlseg.trainer import Trainer
-
     res = StageResult("train", "images/s")
     out = cohort.root / "scratch-train"
     shutil.rmtree(out, ignore_errors=True)
@@ -133,9 +129,9 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     bare = BareLoop(cfg, trainer.arch, trainer.task.num_classes, device)
     epochs, passes = [], []
     for epoch in range(cfg.train_epochs):      # interleaved: a drifting machine load hits both sides alike
-        epochs.append(trainer_epoch(trainer, epoch))
+        stats = EpochStats()
+        epochs.append(trainer_epoch(trainer, epoch, stats))
         passes.append(bare.run(batches))
-    stats = trainer.stats
     del trainer, bare
     shutil.rmtree(out, ignore_errors=True)
     res.add("trainer", total(epochs[cfg.warmup_epochs:]))
