@@ -9,8 +9,8 @@
 # `--resume auto` and continues from the newest complete checkpoint. SIGTERM (scancel, time limit, Slurm's own
 # preemption) is passed on too, so the state is saved, but never requeued by the script: the job is ending on purpose.
 
-DLSEG_EXIT_PREEMPTED=75      # dlseg.trainer.EXIT_PREEMPTED
-DLSEG_PREEMPTED_MARKER=PREEMPTED  # dlseg.trainer.PREEMPTED_MARKER, written in the run folder with exit 75
+DLSEG_EXIT_PREEMPTED=75      # dlseg.preemption.EXIT_PREEMPTED
+DLSEG_PREEMPTED_MARKER=PREEMPTED  # dlseg.preemption.PREEMPTED_MARKER, written in the run folder with exit 75
 DLSEG_PREEMPT_SIGNAL=""   # set to the signal name once the batch shell / node wrapper got USR1 or TERM
 DLSEG_TERMINATED=""       # set once it got TERM: the job is being cancelled/timed out/preempted by Slurm itself
 DLSEG_CHILD=""            # PID of the launcher started by dlseg_run_trainer
