@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,3 +208,13 @@ def test_the_checks_catch_planted_violations(tmp_path):
     ]
     assert upward_imports(imports) == ["dlseg/c.py:2: dlseg.c imports preprocess.cli"]
     assert function_level_imports(imports) == ["dlseg/sub/b.py:2: dlseg.sub.b imports dlseg.a inside a function"]
+
+
+def test_console_scripts_point_at_entry_points():
+    """Every ``dlseg-*`` script of pyproject.toml names a ``main`` that exists (pip would install a broken one)."""
+    tomllib = pytest.importorskip("tomllib", reason="Python < 3.11 has no tomllib")
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"dlseg-preprocess", "dlseg-train", "dlseg-predict", "dlseg-evaluate", "dlseg-bench"}
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), name
