@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dlseg.bench import main
-from dlseg.benchmarks.common import STAGES, BenchConfig, ensure_cohort, run_stage
+from dlseg.benchmarks.cli import main
+from dlseg.benchmarks.cohort import ensure_cohort
+from dlseg.benchmarks.common import STAGES, BenchConfig, run_stage
 
 TINY = dict(size=32, base_width=4, depth=2, batch_size=4, predict_batch_size=8, predict_workers=0,
             preprocess_workers=2, patients=3, memory_cases=(1, 2), slicewise_cases=1, synth_size=(40, 48),

@@ -15,18 +15,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
-import albumentations
-import cv2
-import numpy
-import pydicom
-import torch
-import zarr
-
 from dlseg.config import option
 from dlseg.console import console
 from dlseg.inference.config import PredictConfig
-from dlseg.preprocessing.synthetic_store import CHAOS_NAME, STORE_NAME, synthetic_store
-from dlseg.store import CHUNK_BYTES
 
 STAGES = ("loader", "augment", "preprocess", "predict", "train")
 MB = 1 << 20
@@ -165,6 +156,7 @@ def memory_check(name: str, value: float, reference: float, goal_max: float | No
 def sync(device: str) -> None:
     """Wait for queued accelerator work (no-op on CPU)."""
     if device.startswith("cuda"):
+        import torch     # third-party imports stay lazy here: spawned bench workers import this module
         torch.cuda.synchronize()
 
 
@@ -244,6 +236,8 @@ def quiet_console() -> Iterator[None]:
 def set_threads(threads: int) -> None:
     """Intra-op threads of torch and OpenCV in this process (0 leaves the libraries' defaults)."""
     if threads > 0:
+        import cv2
+        import torch
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
 
@@ -318,6 +312,13 @@ def cpu_model() -> str:
 
 def machine_info(device: str) -> dict[str, Any]:
     """What the numbers were measured on."""
+    import albumentations
+    import cv2
+    import numpy
+    import pydicom
+    import torch
+    import zarr
+
     info: dict[str, Any] = {
         "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
@@ -342,26 +343,6 @@ class Cohort:
     chaos: Path | None
     store: Path
     root: Path                 # folder for derived trees and scratch output
-
-
-def cohort_name(cfg: BenchConfig) -> str:
-    """Folder name of the synthetic cohort for these settings (and the store's chunk size: a cohort written with
-    another layout is not reused, or the loader would be timed on it)."""
-    return (f"mr-p{cfg.patients}-s{cfg.seed}-px{cfg.synth_size[0]}-{cfg.synth_size[1]}"
-            f"-z{cfg.synth_slices[0]}-{cfg.synth_slices[1]}-c{CHUNK_BYTES >> 10}k")
-
-
-def ensure_cohort(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> Cohort:
-    """The given store, or the synthetic cohort generated and preprocessed once under ``cfg.cache_dir``."""
-    if cfg.store:
-        store = Path(cfg.store)
-        root = Path(cfg.cache_dir) / "given"
-        root.mkdir(parents=True, exist_ok=True)
-        return Cohort(Path(cfg.source) if cfg.source else None, store, root)
-    final = Path(cfg.cache_dir) / cohort_name(cfg)
-    synthetic_store(final, cfg.patients, cfg.seed, 0.2, size_range=cfg.synth_size, slices_range=cfg.synth_slices,
-                    log=log)
-    return Cohort(final / CHAOS_NAME, final / STORE_NAME, final)
 
 
 def replicated_tree(chaos: Path, n_cases: int, out: Path) -> Path:

@@ -1,7 +1,7 @@
 """``python -m dlseg.benchmarks.report BENCH.json [--out docs/performance.md]``: a benchmark JSON as Markdown tables.
 
 Reads the document ``python -m dlseg.bench --json FILE`` writes (``dlseg.bench.run``) and renders the same two tables
-the benchmark prints (``dlseg.bench.results_table`` and ``memory_table``, converted cell by cell, so the rows,
+the benchmark prints (``dlseg.benchmarks.cli.results_table`` and ``memory_table``, converted cell by cell, so the rows,
 ratios, goals and number formats are the benchmark's own) and the machine they were measured on.
 
 Without ``--out`` the Markdown is printed. With ``--out PAGE`` it replaces what lies between the lines
@@ -24,7 +24,7 @@ from rich.errors import MarkupError
 from rich.table import Table
 from rich.text import Text
 
-from dlseg.bench import memory_table, results_table
+from dlseg.benchmarks.cli import memory_table, results_table
 from dlseg.errors import ConfigError
 
 BEGIN = "<!-- bench:begin -->"
