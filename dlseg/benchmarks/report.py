@@ -131,7 +131,7 @@ def render(doc: dict[str, Any], source: str | None = None) -> str:
     stages = doc["stages"]
     lines = [NOTICE, ""]
     if source:
-        lines.append(f"- Source: `{source}`" + (f" (created {doc['created']})" if doc.get("created") else ""))
+        lines.append(f"- Source: `{source}`")   # no date: the page describes the code, the JSON keeps the time
     if doc.get("command"):
         lines.append(f"- Command: `{doc['command']}`")
     lines += machine_lines(doc.get("machine") or {})
