@@ -6,7 +6,7 @@
 #
 # Writes OUT_DIR/bench-gpu.json (all figures, machine, settings) and OUT_DIR/bench-gpu.log (the printed tables).
 # The synthetic cohort (20 MR patients) is generated and preprocessed once under OUT_DIR/cache and reused by a
-# second run. About 3-4 minutes on one H200 with 16 CPU cores, cohort generation included (budget: < 6 minutes).
+# second run. Sized to finish within 6 minutes on one GPU, cohort generation included.
 # Exit status: that of python -m dlseg.bench (0 measured, 1 a stage failed, 2 unusable arguments).
 set -euo pipefail
 
