@@ -45,5 +45,23 @@ def read_task(store: Store, cfg: DataConfig) -> Task:
     if len(kinds) != 1:
         raise StoreError(f"{store.path}: training cases mix modalities/sequences {sorted(map(str, kinds))}")
     modality, sequence = kinds.pop()
+    check_val_split(store, cfg.val_split)
     return Task(num_classes=1 if len(names) == 2 else len(names), labels="liver" if len(names) == 2 else "organs",
                 label_names=names[1:], modality=str(modality), sequence=str(sequence), fingerprint=store.fingerprint)
+
+
+VAL_FIX = ("validation picks the best model; re-run python -m preprocess with --val-fraction > 0 or a split file "
+           "that lists val patients, or pass --loader.val_split NAME")
+
+
+def check_val_split(store: Store, split: str) -> None:
+    """Refuse, before any training, a validation split with no case or with unlabeled cases (one line + the fix)."""
+    cases = store.split_cases(split)
+    if not cases:
+        raise StoreError(f"{store.path}: split {split!r} has no cases: {VAL_FIX}")
+    unlabeled = [c for c in cases if not store.info(c).labeled]
+    if len(unlabeled) == len(cases):
+        raise StoreError(f"{store.path}: split {split!r} has no labeled cases: {VAL_FIX}")
+    if unlabeled:
+        raise StoreError(f"{store.path}: split {split!r}: case {unlabeled[0]!r} has no mask "
+                         f"(validation needs labels)")

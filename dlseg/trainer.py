@@ -94,13 +94,13 @@ class Trainer:
         self.accelerator = acc = Accelerator(**accelerator_kwargs(cfg))
         check_launch(acc)
         self.threads = set_cpu_threads(acc, cfg)
+        with acc.local_main_process_first():
+            self.store_path = Path(cfg.data) if cfg.data else ensure_synthetic(cfg)
+        self.task = read_task(Store(self.store_path), cfg.loader)   # refuses an unusable store before any output
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
         self.log = RunLog(acc.is_main_process, self.out / "train.log")
-        with acc.local_main_process_first():
-            self.store_path = Path(cfg.data) if cfg.data else ensure_synthetic(cfg)
-        self.task = read_task(Store(self.store_path), cfg.loader)
         set_seed(cfg.seed)
         self.arch = arch_dict(cfg.model, 2 * cfg.loader.context_slices + 1, self.task.num_classes)
         model = build_model(self.arch)

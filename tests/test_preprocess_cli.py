@@ -172,6 +172,25 @@ def test_split_is_deterministic_kfold_and_file(cohort, tmp_path):
     assert s["val"] == ["MR-10-T2", "MR-21-T2"] and s["method"] == "file:split.json"
 
 
+@pytest.mark.parametrize("how", ["split file", "fraction 0"])
+def test_no_val_patients_is_said_not_refused(cohort, tmp_path, capsys, how):
+    spec = tmp_path / "split.json"
+    spec.write_text(json.dumps({"train": ["1", "2", "5", "10", "21"], "val": []}))
+    extra = ["--split-file", str(spec)] if how == "split file" else ["--val-fraction", "0"]
+    out = tmp_path / "o.zarr"
+    assert main([str(cohort), str(out), "--modality", "t2", "--workers", "1", *extra]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "5 train / 0 val" in text
+    assert "warning: the split has no val cases: training will refuse this store until it has some" in text
+    assert Store(out).split_cases("val") == [] and len(Store(out).split_cases("train")) == 5
+
+
+def test_a_split_with_val_cases_gives_no_warning(cohort, tmp_path, capsys):
+    assert main([str(cohort), str(tmp_path / "o.zarr"), "--modality", "t2", "--workers", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "4 train / 1 val" in " ".join(text.split()) and "warning" not in text
+
+
 def run_args(src, out, *extra):
     return run(parse_args(PreprocessConfig, [str(src), str(out), "--workers", "1", *extra], "preprocess", ""),
                show_progress=False)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dlseg.errors import UsageError
-from dlseg.preprocessing.split import SplitConfig, build_split, split_patients, val_count
+from dlseg.preprocessing.split import SplitConfig, build_split, split_patients, split_warnings, val_count
 
 SUBJECTS = [f"MR-{p}" for p in (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)]
 
@@ -50,6 +50,18 @@ def test_build_split_keeps_sequences_together_and_unlabeled_apart():
     assert split["val"] == ["MR-2-T1in", "MR-2-T2"] and split["unlabeled"] == ["MR-test-4-T1in"]
     assert split["train"] == ["MR-1-T1in", "MR-1-T2", "MR-3-T1in", "MR-3-T2"]
     assert (split["seed"], split["method"]) == (7, "fraction:0.2")
+
+
+def test_a_split_without_val_cases_is_warned_about():
+    cases = {f"MR-{p}-T2": {"subject": f"MR-{p}", "labeled": True} for p in (1, 2, 3)}
+    for cfg in (SplitConfig(val_fraction=0.0), SplitConfig(val_fraction=0.5)):
+        split = build_split(cases, split_patients(["MR-1", "MR-2", "MR-3"], cfg), cfg)
+        warnings = split_warnings(split)
+        if cfg.val_fraction:
+            assert split["val"] and warnings == []
+        else:
+            assert split["val"] == [] and len(warnings) == 1
+            assert warnings[0].startswith("the split has no val cases: training will refuse this store")
 
 
 @pytest.mark.parametrize("cfg, message", [

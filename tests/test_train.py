@@ -28,12 +28,13 @@ from dlseg.export import load_model
 from dlseg.optim import SchedConfig, lr_factor
 from dlseg.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
 from dlseg.runlog import data_wait_hint
-from dlseg.store import Store
+from dlseg.store import CaseData, Store
 from dlseg.task import ensure_synthetic
 from dlseg.train import main as train_main
 from dlseg.train import parse
 from dlseg.train_config import TrainConfig, accelerator_kwargs, set_cpu_threads
 from dlseg.validation import ValidationCounts, confusion_counts, dice_per_case, evaluate
+from helpers import write_store
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "dlseg" / "train.py")
@@ -95,6 +96,36 @@ def test_config_errors_exit_2_naming_the_key(argv, key, capsys, tmp_path):
     assert train_main([*argv, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert key in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def resplit(src: Path, out: Path, val: list[str], unlabeled_val: bool = False) -> Path:
+    """A copy of the store ``src`` whose split has ``val`` as val and its other labeled cases as train.
+
+    ``unlabeled_val``: the val cases are written without their masks.
+    """
+    store = Store(src)
+    cases = []
+    for cid in store.split_cases("train") + store.split_cases("val"):
+        image, mask = store.read_case(cid)
+        attrs = {k: v for k, v in store.info(cid).attrs.items() if k not in ("shape", "complete", "foreground")}
+        cases.append(CaseData(cid, image, None if (unlabeled_val and cid in val) else mask, attrs))
+    train = [c.case_id for c in cases if c.case_id not in val]
+    return write_store(out, cases, {"train": train, "val": val, "unlabeled": [], "seed": 0, "method": "fixed"},
+                       store.label_map)
+
+
+@pytest.mark.parametrize("unlabeled_val, says", [(False, "has no cases"), (True, "has no labeled cases")])
+def test_val_split_without_labeled_cases_is_refused_before_any_output(synthetic_store, tmp_path, capsys,
+                                                                      unlabeled_val, says):
+    val = Store(synthetic_store).split_cases("val") if unlabeled_val else []
+    store = resplit(synthetic_store, tmp_path / "noval.zarr", val, unlabeled_val)
+    out = tmp_path / "run"
+    assert train_main(tiny(store, out, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{store}: split 'val' {says}: validation picks the best model" in " ".join(err.split())
+    assert "--val-fraction > 0" in err and "--loader.val_split NAME" in " ".join(err.split())
+    assert not (out / "model").exists() and not out.exists()
 
 
 def test_launch_trap_refused(monkeypatch):

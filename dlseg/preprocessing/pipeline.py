@@ -27,7 +27,7 @@ from dlseg.errors import Failure, UsageError
 from dlseg.sources.layout import LABELS, MODALITIES, CaseSource, discover
 from dlseg.sources.masks import label_map
 from dlseg.preprocessing.qa import qa_dir_for
-from dlseg.preprocessing.split import SplitConfig, build_split, split_patients, validate
+from dlseg.preprocessing.split import SplitConfig, build_split, split_patients, split_warnings, validate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -189,6 +189,8 @@ def print_report(report: RunReport, cfg: PreprocessConfig) -> None:
         f"split {split.get('method')}: {len(split.get('train', []))} train / {len(split.get('val', []))} val / "
         f"{len(split.get('unlabeled', []))} unlabeled cases", highlight=False, soft_wrap=True,
     )
+    for warning in split_warnings(split):
+        console.print(f"[yellow]warning[/]: {escape(warning)}", highlight=False, soft_wrap=True)
     if report.qa_dir:
         console.print(f"QA pictures: {escape(report.qa_dir)}/<case>.png", highlight=False)
     if report.failures:

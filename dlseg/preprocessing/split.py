@@ -128,3 +128,11 @@ def build_split(cases: dict[str, dict[str, Any]], sides: tuple[list[str], list[s
             out[side[info["subject"]]].append(cid)
     out.update(seed=cfg.seed, method=cfg.method(), patients={"train": list(train_p), "val": list(val_p)})
     return out
+
+
+def split_warnings(split: dict[str, Any]) -> list[str]:
+    """What the run's report warns about a finished split (not errors: a store may be made for prediction only)."""
+    if split.get("val"):
+        return []
+    return ["the split has no val cases: training will refuse this store until it has some (validation picks "
+            "the best model; re-run with --val-fraction > 0 or a split file that lists val patients)"]
