@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+from pydicom.data import get_testdata_file
 
+import dlseg.preprocessing.synthetic_store as synthetic_store_module
 from dlseg.benchmarks.cli import main
 from dlseg.benchmarks.cohort import ensure_cohort
 from dlseg.benchmarks.common import STAGES, BenchConfig, run_stage
+from dlseg.benchmarks.preprocess import convert_all
+from dlseg.errors import StoreError
+from dlseg.preprocessing.synthetic_store import synthetic_store
+from helpers import make_mr_patient
 
 TINY = dict(size=32, base_width=4, depth=2, batch_size=4, predict_batch_size=8, predict_workers=0,
             preprocess_workers=2, patients=3, memory_cases=(1, 2), slicewise_cases=1, synth_size=(40, 48),
@@ -114,3 +121,36 @@ def test_cohort_is_reused(tiny):
     again = ensure_cohort(cfg)
     assert again == cohort and (Path(again.store) / "zarr.json").stat().st_mtime_ns == stamp
 
+
+
+# ------------------------------------------------------------------------------------------------ failure reasons
+
+def broken_tree(root: Path) -> Path:
+    """Two MR patients (T1 in-phase); patient 2's first in-phase file is a truncated DICOM."""
+    for k, p in enumerate(["1", "2"]):
+        make_mr_patient(root / "Train_Sets", p, n=3, seed=k)
+    bad = sorted((root / "Train_Sets/MR/2/T1DUAL/DICOM_anon/InPhase").iterdir())[0]
+    shutil.copy(get_testdata_file("MR_truncated.dcm"), bad)
+    return bad
+
+
+def test_convert_all_names_the_failed_case_file_and_reason(tmp_path):
+    bad = broken_tree(tmp_path / "chaos")
+    with pytest.raises(RuntimeError) as err:
+        convert_all(str(tmp_path / "chaos"), str(tmp_path / "o.zarr"), 1)
+    msg = str(err.value)
+    assert "1 case(s) failed to convert: MR-2-T1in: " in msg
+    assert f"MR/2/T1DUAL/DICOM_anon/InPhase/{bad.name}: cannot decode pixel data" in msg
+
+
+def test_synthetic_store_names_the_failed_case_file_and_reason(tmp_path, monkeypatch):
+    made = {}
+
+    def generate(out, **kwargs):
+        made["bad"] = broken_tree(out)
+    monkeypatch.setattr(synthetic_store_module, "generate", generate)
+    with pytest.raises(StoreError) as err:
+        synthetic_store(tmp_path / "synth", patients=2, seed=0)
+    msg = str(err.value)
+    assert "failed for 1 case(s): MR-2-T1in: " in msg
+    assert f"InPhase/{made['bad'].name}: cannot decode pixel data" in msg

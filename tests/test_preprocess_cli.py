@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,8 +25,10 @@ import zarr
 from pydicom.data import get_testdata_file
 
 import dlseg.preprocessing.convert as convert
+import dlseg.preprocessing.pipeline as pipeline
 from dlseg.config import parse_args
 from dlseg.errors import CaseError
+from dlseg.locks import FolderLock
 from dlseg.normalize import intensity_stats
 from dlseg.preprocessing.convert import CaseResult, convert_case, process_case
 from dlseg.preprocessing.pipeline import WORKER_DIED, PreprocessConfig, run, run_cases
@@ -413,3 +416,57 @@ def test_workers_allocate_from_one_malloc_arena():
         assert pool.submit(count_malloc_arenas, 4).result() == 1
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as plain:
         assert plain.submit(count_malloc_arenas, 4).result() > 1   # what a worker would otherwise have
+
+
+# ------------------------------------------------------------------------------------------------ one writer per store
+
+def test_second_run_into_a_held_store_exits_2_and_writes_nothing(tmp_path):
+    src = tmp_path / "src"
+    make_ct_patient(src, "1", n=3)
+    out = tmp_path / "held.zarr"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "preprocess", str(src), str(out), "--modality", "ct", "--workers", "1"]
+    with FolderLock(out, "the first run"):
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert [p.name for p in out.iterdir()] == [".lock"]          # nothing written, the holder's lock kept
+    assert done.returncode == 2, done.stdout + done.stderr
+    line = " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr and f"{out}: in use by another writer" in line
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in line and "`the first run`" in line
+    assert f"remove {out}/.lock" in line
+    assert list(out.iterdir()) == []
+
+
+def test_stale_lock_is_taken_over_and_released(tmp_path, capsys):
+    src = tmp_path / "src"
+    make_ct_patient(src, "1", n=3)
+    out = tmp_path / "stale.zarr"
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid,
+                                           "started": "2024-01-01T00:00:00+00:00", "command": "python -m preprocess"}))
+    assert main([str(src), str(out), "--modality", "ct", "--workers", "1"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"took over a stale lock (pid {gone.pid} on {socket.gethostname()}" in text
+    assert Store(out).cases == ["CT-1"] and not (out / ".lock").exists()
+
+
+def test_lock_is_released_after_failing_and_interrupted_runs(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_ct_patient(src, "1", n=3)
+    make_ct_patient(src, "2", n=3)
+    shutil.copy(get_testdata_file("MR_truncated.dcm"), src / "CT/2/DICOM_anon/i0000,0000b.dcm")
+    out = tmp_path / "f.zarr"
+    assert main([str(src), str(out), "--modality", "ct", "--workers", "1"]) == 1
+    assert not (out / ".lock").exists() and Store(out).cases == ["CT-1"]
+
+    def interrupted(cfg, show_progress):
+        assert (Path(cfg.out) / ".lock").is_file()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "run_locked", interrupted)
+    assert main([str(src), str(out), "--modality", "ct", "--workers", "1"]) == 130
+    assert not (out / ".lock").exists()
+    fresh = tmp_path / "fresh.zarr"     # a run that stopped before writing leaves no folder behind
+    assert main([str(src), str(fresh), "--modality", "ct", "--workers", "1"]) == 130
+    assert not fresh.exists()

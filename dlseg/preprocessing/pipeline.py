@@ -19,6 +19,7 @@ from rich.table import Table
 
 from dlseg.config import option
 from dlseg.console import console, make_progress
+from dlseg.locks import FolderLock, is_lock_file
 from dlseg.store import StoreWriter
 from dlseg.workers import spawn_pool
 
@@ -87,7 +88,7 @@ def check_config(cfg: PreprocessConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "zarr.json").is_file():
+    if out.is_dir() and any(not is_lock_file(p.name) for p in out.iterdir()) and not (out / "zarr.json").is_file():
         raise UsageError(f"{out}: folder is not empty and is not a Zarr store; choose another output")
 
 
@@ -143,8 +144,27 @@ def run_cases(cfg: PreprocessConfig, sources: list[CaseSource], qa_dir: str | No
 
 
 def run(cfg: PreprocessConfig, show_progress: bool = True) -> RunReport:
-    """Discover, convert (skipping unchanged cases), drop stale ones, split by patient, finalize the store."""
+    """Discover, convert (skipping unchanged cases), drop stale ones, split by patient, finalize the store.
+
+    The whole run holds the store's lock (``dlseg.locks``): one writer per store; a second run stops at once.
+    """
     check_config(cfg)
+    out = Path(cfg.out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with FolderLock(out, "python -m preprocess"):
+            return run_locked(cfg, show_progress)
+    finally:
+        if created:   # a run that stopped before writing anything leaves no empty folder behind
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+
+
+def run_locked(cfg: PreprocessConfig, show_progress: bool) -> RunReport:
+    """The body of :func:`run`, with the store's lock held."""
     sources, failures = discover(cfg.src, cfg.modality, cfg.labels)
     subjects = {s.subject for s in sources if s.group == "train"} | {f.subject for f in failures if f.subject}
     sides = split_patients(sorted(subjects), cfg.split_config())
