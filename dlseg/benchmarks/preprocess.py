@@ -76,9 +76,7 @@ def convert_all(chaos: str, out: str, workers: int) -> dict:
         report = pipeline.run(pipeline.PreprocessConfig(src=chaos, out=out, modality="t1-in", workers=workers), show_progress=False)
         seconds = time.perf_counter() - start
     if report.failures:
-        first = "; ".join(str(f) for f in report.failures[:3])   # case: file: reason
-        more = f" (and {len(report.failures) - 3} more)" if len(report.failures) > 3 else ""
-        raise RuntimeError(f"{out}: {len(report.failures)} case(s) failed to convert: {first}{more}")
+        raise RuntimeError(f"{out}: {len(report.failures)} case(s) failed to convert: {report.first_failures()}")
     slices = sum(int(c["slices"]) for c in report.root["cases"].values())
     shutil.rmtree(out, ignore_errors=True)
     return {"slices": slices, "seconds": seconds, "cases": len(report.root["cases"])}

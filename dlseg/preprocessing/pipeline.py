@@ -77,6 +77,11 @@ class RunReport:
     def exit_code(self) -> int:
         return EXIT_FAILED if self.failures else EXIT_OK
 
+    def first_failures(self, shown: int = 3) -> str:
+        """``case: file: reason; …`` of the first ``shown`` failures (and how many more), for library callers."""
+        more = f" (and {len(self.failures) - shown} more)" if len(self.failures) > shown else ""
+        return "; ".join(str(f) for f in self.failures[:shown]) + more
+
 
 def check_config(cfg: PreprocessConfig) -> None:
     """Reject unusable options before any work (UsageError → exit 2)."""

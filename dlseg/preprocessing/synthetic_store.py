@@ -37,10 +37,9 @@ def synthetic_store(final: Path, patients: int, seed: int, val_fraction: float =
              **sizes, **slices)
     report = run(PreprocessConfig(src=str(tmp / CHAOS_NAME), out=str(tmp / STORE_NAME), modality="t1-in",
                                   seed=seed, val_fraction=val_fraction, workers=workers), show_progress)
-    if report.failures:   # each failure is "case: file: reason"
-        more = f" (and {len(report.failures) - 3} more)" if len(report.failures) > 3 else ""
+    if report.failures:
         raise StoreError(f"{tmp}: preprocessing the synthetic cohort failed for {len(report.failures)} case(s): "
-                         + "; ".join(str(f) for f in report.failures[:3]) + more)
+                         f"{report.first_failures()}")
     try:
         os.replace(tmp, final)
     except OSError:  # another process finished first: use its copy
