@@ -26,6 +26,7 @@ from rich.text import Text
 
 from dlseg.benchmarks.cli import memory_table, results_table
 from dlseg.errors import ConfigError
+from dlseg.fileio import atomic_write
 
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
@@ -160,10 +161,7 @@ def write_page(out: Path, block: str) -> None:
     """Put ``block`` between the markers of ``out`` (a new page holds just the markers and the block)."""
     page = out.read_text() if out.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
     text = splice(page, block, str(out))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic_write(out, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dlseg.fileio import atomic_write
+
 QA_SLICES = 4
 TILE = 256
 # BGR contour colour per label: liver, right kidney, left kidney, spleen
@@ -56,15 +58,12 @@ def render_tile(image: np.ndarray, mask: np.ndarray | None, lo: float, hi: float
 def write_qa(path: str | os.PathLike, image: np.ndarray, mask: np.ndarray | None, stats: dict, modality: str,
              case_id: str) -> Path:
     """Write the QA PNG for one case (temporary name, then rename); returns its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lo, hi = ((-150.0, 250.0) if modality.upper() == "CT" else (stats["p1"], stats["p99"]))
     tiles = [
         render_tile(image[z], None if mask is None else mask[z], lo, hi, f"{case_id} z={z}")
         for z in pick_slices(mask, image.shape[0])
     ]
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    if not cv2.imwrite(str(tmp), np.concatenate(tiles, axis=1)):
-        raise OSError(f"cannot write {tmp}")
-    os.replace(tmp, path)
-    return path
+    ok, png = cv2.imencode(".png", np.concatenate(tiles, axis=1))
+    if not ok:
+        raise OSError(f"cannot encode {path}")
+    return atomic_write(path, png.tobytes())
