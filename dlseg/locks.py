@@ -147,10 +147,10 @@ class FolderLock:
                     "wait for it to finish")
         who = (f"pid {holder['pid']} on {holder['host']}, since {holder['started']}"
                + (f", `{holder['command']}`" if holder.get("command") else ""))
-        if holder["host"] != socket.gethostname():
-            return (f"{self.folder}: in use by another writer ({who}); it runs on another host, so its lock is "
-                    f"never taken over automatically: wait for it, or if that job is gone remove {self.path}")
-        return f"{self.folder}: in use by another writer ({who}); wait for it, or if that job is gone remove {self.path}"
+        elsewhere = ("it runs on another host, so its lock is never taken over automatically: "
+                     if holder["host"] != socket.gethostname() else "")
+        return (f"{self.folder}: in use by another writer ({who}); {elsewhere}wait for it, "
+                f"or if that job is gone remove {self.path}")
 
     # ---- releasing ----
     def release(self) -> None:
@@ -184,10 +184,3 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     info.setdefault("started", "?")
     return info
 
-
-def read_lock(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The holder of ``folder``'s lock, or None when it is not locked (or its lock is unreadable)."""
-    try:
-        return _parse((Path(folder) / LOCK_NAME).read_bytes())
-    except FileNotFoundError:
-        return None

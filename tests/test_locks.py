@@ -15,8 +15,14 @@ from pathlib import Path
 import pytest
 
 from dlseg.errors import UsageError
-from dlseg.locks import LOCK_NAME, FolderLock, read_lock, short_command
+from dlseg.locks import LOCK_NAME, FolderLock, short_command
 from dlseg.store import Store, StoreWriter
+
+
+def read_lock(folder: Path) -> dict | None:
+    """The lock file's JSON, or None when the folder is not locked."""
+    lock = folder / LOCK_NAME
+    return json.loads(lock.read_text()) if lock.exists() else None
 
 
 def dead_pid() -> int:
