@@ -16,7 +16,8 @@ from scipy.spatial import cKDTree
 
 from dlseg import evaluate, metrics
 from dlseg.inference import outputs
-from dlseg.store import CaseData, StoreWriter
+from dlseg.store import CaseData
+from helpers import write_store
 
 SPACING = (2.5, 0.7, 0.7)
 SHAPE = (6, 12, 10)
@@ -42,17 +43,14 @@ TRUTH = {"CT-1": slab(1, 4), "CT-2": cube(), "CT-3": slab(2, 5)}
 @pytest.fixture()
 def store(tmp_path) -> Path:
     """A finalized store with three labeled CT cases (train CT-1, CT-2; val CT-3) and one unlabeled."""
-    path = tmp_path / "truth.zarr"
-    w = StoreWriter(path)
-    for cid, mask in TRUTH.items():
-        image = np.zeros(SHAPE, np.int16)
-        w.write_case(CaseData(cid, image, mask, {"patient": cid[3:], "modality": "CT", "sequence": "ct",
-                                                  "spacing": list(SPACING), "fingerprint": cid}))
-    w.write_case(CaseData("CT-test-9", np.zeros(SHAPE, np.int16), None,
+    cases = [CaseData(cid, np.zeros(SHAPE, np.int16), mask, {"patient": cid[3:], "modality": "CT", "sequence": "ct",
+                                                            "spacing": list(SPACING), "fingerprint": cid})
+             for cid, mask in TRUTH.items()]
+    cases.append(CaseData("CT-test-9", np.zeros(SHAPE, np.int16), None,
                           {"patient": "test-9", "modality": "CT", "sequence": "ct", "spacing": list(SPACING)}))
-    w.finalize({"train": ["CT-1", "CT-2"], "val": ["CT-3"], "unlabeled": ["CT-test-9"], "seed": 0,
-                "method": "fraction"}, {"0": "background", "1": "liver"})
-    return path
+    return write_store(tmp_path / "truth.zarr", cases, {"train": ["CT-1", "CT-2"], "val": ["CT-3"],
+                                                        "unlabeled": ["CT-test-9"], "seed": 0, "method": "fraction"},
+                       {"0": "background", "1": "liver"})
 
 
 def write_prediction(out: Path, case_id: str, mask: np.ndarray, value: int = 63) -> Path:

@@ -17,7 +17,6 @@ import pytest
 import torch
 import yaml
 from accelerate.utils import InitProcessGroupKwargs
-from safetensors.torch import load_file
 
 from dlseg import checkpoint as ckpt
 from dlseg import curves, trainer
@@ -34,13 +33,12 @@ from dlseg.train import main as train_main
 from dlseg.train import parse
 from dlseg.train_config import TrainConfig, accelerator_kwargs, set_cpu_threads
 from dlseg.validation import ValidationCounts, confusion_counts, dice_per_case, evaluate
-from helpers import write_store
+from helpers import TINY_RUN, assert_same_weights, read_weights, write_store
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "dlseg" / "train.py")
-TINY = ["--model.base_width", "4", "--model.depth", "2", "--loader.size", "32", "--loader.workers", "0",
-        "--loader.batch_size", "4", "--loader.val_batch_size", "8", "--optim.lr", "1e-3", "--sched.step_size", "1",
-        "--sched.gamma", "0.5", "--keep_last", "1"]
+TINY = [*TINY_RUN, "--loader.workers", "0", "--optim.lr", "1e-3", "--sched.step_size", "1", "--sched.gamma", "0.5",
+        "--keep_last", "1"]
 
 
 def tiny(store: Path, out: Path, *extra: str) -> list[str]:
@@ -50,13 +48,7 @@ def tiny(store: Path, out: Path, *extra: str) -> list[str]:
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     """Model weights in the newest checkpoint of a run."""
-    return load_file(str(ckpt.list_checkpoints(run)[-1] / "model.safetensors"))
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    return read_weights(ckpt.list_checkpoints(run)[-1] / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
