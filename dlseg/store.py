@@ -45,10 +45,11 @@ PARTIAL_DIR = ".partial"
 
 # Root attributes
 ROOT_KEYS = ("format", "format_version", "cases", "split", "label_map", "fingerprint")
-# Per-case attributes (all JSON); ``stats`` and ``foreground`` feed training and normalization.
+# Per-case attributes (all JSON); ``stats`` and ``foreground`` feed training and normalization; ``nifti`` (cases
+# from NIfTI only) is the source geometry that prediction writes back (``dlseg.sources.nifti_volume``).
 CASE_KEYS = (
     "case_id", "patient", "modality", "sequence", "group", "spacing", "origin", "direction",
-    "source_files", "mask_files", "order", "fingerprint", "stats", "foreground", "shape", "complete",
+    "source_files", "mask_files", "order", "fingerprint", "stats", "foreground", "shape", "complete", "nifti",
 )
 
 _CASE_ID_RE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 from dlseg.normalize import intensity_stats
 from dlseg.store import CaseData, StoreWriter, fingerprint_files
 
+from dlseg.preprocessing.convert_nifti import convert_nifti_case
 from dlseg.preprocessing.qa import write_qa
 from dlseg.sources.dicom import Volume, read_series
 from dlseg.errors import CaseError, one_line
@@ -38,6 +40,8 @@ def case_fingerprint(src: CaseSource, labels: str) -> str:
     files = src.image_files + (src.mask_files or [])
     names = src.relative(files)
     h = hashlib.sha256(f"dlseg-preprocess:{CONVERTER_VERSION}:{src.modality}:{labels}:".encode())
+    if src.label_values is not None:   # a NIfTI case: dataset.json's label values decide the mask too
+        h.update(json.dumps(sorted(src.label_values.items())).encode())
     h.update(fingerprint_files(files, names).encode())
     return h.hexdigest()
 
@@ -79,6 +83,8 @@ def decode_case(src: CaseSource, labels: str = "liver") -> tuple[np.ndarray, np.
 
 def convert_case(src: CaseSource, labels: str = "liver", fingerprint: str | None = None) -> CaseData:
     """Decode a case and build its store record (attributes per ``dlseg.store.CASE_KEYS``)."""
+    if src.kind == "nifti":
+        return convert_nifti_case(src, labels, fingerprint or case_fingerprint(src, labels))
     decoded = decode_volume(src, labels)
     volume = decoded.volume
     attrs = {
@@ -95,7 +101,7 @@ def convert_case(src: CaseSource, labels: str = "liver", fingerprint: str | None
 
 def process_case(store_path: str, src: CaseSource, labels: str, qa_dir: str | None = None) -> CaseResult:
     """Worker entry: skip when unchanged, else convert and write atomically; never raises for bad input."""
-    n = len(src.image_files)
+    n = src.slice_count
     try:
         writer = StoreWriter(store_path)
         fingerprint = case_fingerprint(src, labels)

@@ -1,4 +1,4 @@
-"""Preprocessing runs: a CHAOS tree → one Zarr store, in parallel, resumable (``python -m preprocess``).
+"""Preprocessing runs: a CHAOS tree or a NIfTI dataset → one Zarr store, in parallel, resumable (``python -m preprocess``).
 
 Exit status: 0 every case converted (or unchanged), 1 some cases failed (the rest written), 2 unusable arguments.
 """
@@ -25,8 +25,8 @@ from dlseg.workers import spawn_pool
 
 from dlseg.preprocessing.convert import CaseResult, process_case
 from dlseg.errors import Failure, UsageError
-from dlseg.sources.layout import LABELS, MODALITIES, CaseSource, discover
-from dlseg.sources.masks import label_map
+from dlseg.sources.layout import MODALITIES, CaseSource
+from dlseg.sources.nifti import discover_cases
 from dlseg.preprocessing.qa import qa_dir_for
 from dlseg.preprocessing.split import SplitConfig, build_split, split_patients, split_warnings, validate
 
@@ -43,11 +43,13 @@ class PreprocessConfig:
     """Everything one preprocessing run needs; its fields are the flags of ``python -m preprocess``."""
 
     src: str = option("folder holding Train_Sets/ (or Train_Sets/ itself, a folder with CT/ and/or MR/, or "
-                      "Test_Sets/)", positional=True, flag="SRC")
+                      "Test_Sets/), or an MSD / nnU-Net NIfTI dataset (dataset.json)", positional=True, flag="SRC")
     out: str = option("output store, e.g. data/chaos.zarr (re-running resumes and skips unchanged cases)",
                       positional=True, flag="OUT.zarr")
-    modality: str = option("sequence(s) to convert", "t1-in", choices=MODALITIES)
-    labels: str = option("liver: 0/1; organs: 0..4", "liver", choices=LABELS)
+    modality: str = option("CHAOS sequence(s) to convert (a NIfTI dataset's comes from dataset.json)", "t1-in",
+                           choices=MODALITIES)
+    labels: str = option("CHAOS: liver (0/1) or organs (0..4); NIfTI dataset: all (its label map) or one "
+                         "structure of dataset.json by name (0/1)", "liver")
     workers: int = option("parallel processes", default_factory=default_workers, default_help="CPU cores, max 8")
     seed: int = option("split seed", 0)
     val_fraction: float = option("fraction of patients for val", 0.2, exclusive="split")
@@ -144,7 +146,7 @@ def run_cases(cfg: PreprocessConfig, sources: list[CaseSource], qa_dir: str | No
         suspects = yield from convert_in_pool(max(1, min(cfg.workers, len(todo))), todo, job)
         for src in suspects:
             if (yield from convert_in_pool(1, deque([src]), job)):
-                yield CaseResult(src.case_id, "failed", len(src.image_files), path=src.relative(src.image_files[:1])[0],
+                yield CaseResult(src.case_id, "failed", src.slice_count, path=src.relative(src.image_files[:1])[0],
                                  reason=WORKER_DIED, subject=src.subject)
 
 
@@ -170,7 +172,7 @@ def run(cfg: PreprocessConfig, show_progress: bool = True) -> RunReport:
 
 def run_locked(cfg: PreprocessConfig, show_progress: bool) -> RunReport:
     """The body of :func:`run`, with the store's lock held."""
-    sources, failures = discover(cfg.src, cfg.modality, cfg.labels)
+    sources, failures, label_names = discover_cases(cfg.src, cfg.modality, cfg.labels)
     subjects = {s.subject for s in sources if s.group == "train"} | {f.subject for f in failures if f.subject}
     sides = split_patients(sorted(subjects), cfg.split_config())
     writer = StoreWriter(cfg.out)
@@ -178,7 +180,7 @@ def run_locked(cfg: PreprocessConfig, show_progress: bool) -> RunReport:
     report = RunReport(failures=list(failures))
     qa_dir = str(qa_dir_for(cfg.out)) if cfg.qa else None
     report.qa_dir = qa_dir
-    total = sum(len(s.image_files) for s in sources)
+    total = sum(s.slice_count for s in sources)
     with make_progress(unit="slices", disable=None if show_progress else True) as progress:
         task = progress.add_task("preprocess", total=total, info=f"0/{len(sources)} cases")
         for done, res in enumerate(run_cases(cfg, sources, qa_dir), start=1):
@@ -198,7 +200,7 @@ def run_locked(cfg: PreprocessConfig, show_progress: bool) -> RunReport:
             report.removed.append(cid)
     present = {s.case_id: {"subject": s.subject, "labeled": s.labeled} for s in sources if s.case_id in wanted}
     split = build_split(present, sides, cfg.split_config())
-    report.root = writer.finalize(split, label_map(cfg.labels))
+    report.root = writer.finalize(split, label_names)
     return report
 
 

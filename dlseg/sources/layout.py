@@ -58,13 +58,20 @@ class CaseSource:
     root: Path                          # relative file names are relative to this folder
     image_files: list[Path]
     mask_files: list[Path] | None
-    order: str                          # stem | position | name
+    order: str                          # stem | position | name (NIfTI: dataset | stem)
     notes: list[str] = field(default_factory=list)
+    kind: str = "dicom"                 # dicom | nifti (dlseg.sources.nifti)
+    label_values: dict[int, int] | None = None   # nifti: declared label value → store value
+    slices: int | None = None           # nifti: slice count from the header (progress); dicom: one per file
 
     @property
     def subject(self) -> str:
         """The split unit: ``MR-5`` / ``CT-3`` (CHAOS numbers CT and MR patients independently)."""
         return f"{self.modality}-{self.patient}"
+
+    @property
+    def slice_count(self) -> int:
+        return self.slices if self.slices is not None else len(self.image_files)
 
     @property
     def labeled(self) -> bool:
