@@ -6,7 +6,8 @@ without PNGs from its ``prediction.npz``).
 
 Truth: a dlseg Zarr store (liver = mask value 1, spacing from the store) or a CHAOS tree (Ground PNGs through
 ``dlseg.sources.masks``, geometry from the DICOM headers exactly as the official code uses it: PixelSpacing and
-the mean slice step ``|T_last - T_first| / (N - 1)`` of the files in name order).
+the mean slice step ``|T_last - T_first| / (N - 1)`` of the files in name order), or a folder of NIfTI label
+files (``labelsTr``/``labelsTs``: case id = file stem; the liver's value from the ``dataset.json`` beside it, else 1).
 
 Every truth case is scored; a truth case without a usable prediction (missing, unreadable, wrong shape) fails
 alone with a one-line reason. Outputs: a per-case CSV (default ``OUT_DIR/evaluation.csv``) and a summary JSON
@@ -40,6 +41,8 @@ from dlseg.metrics import case_metrics
 from dlseg.sources.dicom import header_meta, read_dataset
 from dlseg.sources.layout import discover
 from dlseg.sources.masks import read_masks
+from dlseg.sources.nifti import is_nifti_input, truth_cases
+from dlseg.sources.nifti_volume import read_label_volume
 from dlseg.store import Store
 from dlseg.workers import spawn_pool
 
@@ -75,7 +78,8 @@ class EvalConfig:
     """One evaluation run; its fields are the flags of ``python -m dlseg.evaluate``."""
 
     pred: str = option("prediction folder (OUT_DIR of dlseg/predict.py) (required)", "")
-    truth: str = option("a CHAOS tree (Train_Sets/...) or a dlseg Zarr store (required)", "")
+    truth: str = option("a CHAOS tree (Train_Sets/...), a dlseg Zarr store or a folder of NIfTI labels "
+                        "(labelsTr/, labelsTs/) (required)", "")
     csv: str | None = option("per-case CSV", None, default_help="OUT_DIR/evaluation.csv")
     label_value: int | str | None = option("PNG gray value of the liver, or 'any' for any nonzero pixel",
                                            LIVER_GRAY)
@@ -106,14 +110,16 @@ class TruthSpec:
     """Where the ground truth lives and which cases of it to score (picklable for worker processes)."""
 
     path: str
-    kind: str                                   # store | chaos
+    kind: str                                   # store | chaos | nifti
     split: str | None = None
     modality: str = "all"
 
 
 def truth_kind(path: Path) -> str:
-    """``store`` for a Zarr store, ``chaos`` for anything else (a CHAOS tree)."""
-    return "store" if (path / "zarr.json").is_file() else "chaos"
+    """``store`` for a Zarr store, ``nifti`` for a folder of NIfTI labels, ``chaos`` for anything else (a CHAOS tree)."""
+    if (path / "zarr.json").is_file():
+        return "store"
+    return "nifti" if is_nifti_input(path) else "chaos"
 
 
 def open_truth(spec: TruthSpec) -> tuple[list[tuple[str, Any]], list[Failure]]:
@@ -126,7 +132,9 @@ def open_truth(spec: TruthSpec) -> tuple[list[tuple[str, Any]], list[Failure]]:
         ids = store.split_cases(spec.split or "all")
         return [(c, None) for c in ids if store.info(c).labeled], []
     if spec.split is not None:
-        raise UsageError(f"--split {spec.split}: only a Zarr store truth has splits ({spec.path} is a CHAOS tree)")
+        raise UsageError(f"--split {spec.split}: only a Zarr store truth has splits ({spec.path} is not one)")
+    if spec.kind == "nifti":
+        return truth_cases(Path(spec.path)), []
     cases, failures = discover(spec.path, modality=spec.modality, labels="liver")
     return [(c.case_id, c) for c in cases if c.labeled], failures
 
@@ -143,6 +151,9 @@ def load_truth(spec: TruthSpec, case_id: str, source: Any) -> tuple[np.ndarray, 
         store = open_store(spec.path)
         _, mask = store.read_case(case_id, mask=True)
         return mask == LIVER, store.info(case_id).spacing
+    if spec.kind == "nifti":
+        labels, spacing = read_label_volume(Path(source[0]))
+        return labels == source[1], spacing
     mask = read_masks(source.mask_files, source.modality, "liver") == LIVER
     return mask, official_spacing(source.image_files)
 

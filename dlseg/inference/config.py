@@ -13,7 +13,7 @@ from dlseg.errors import ConfigError
 from dlseg.sources.masks import GRAY_VALUES
 
 FORMATS = ("png", "npz", "nifti")
-INPUT_KINDS = ("auto", "chaos", "dicom", "store")
+INPUT_KINDS = ("auto", "chaos", "dicom", "store", "nifti")
 PRECISIONS = ("no", "fp16", "bf16")     # autocast dtypes (predictor.AMP_DTYPES); this module stays torch-free
 # A large batch falls out of a CPU's caches, and loader processes there only take cores from the forward pass.
 CPU_BATCH, ACCELERATOR_BATCH = 8, 64
@@ -25,7 +25,8 @@ class PredictConfig:
     """Everything one prediction run needs; its fields are the flags of ``dlseg/predict.py``."""
 
     model: str = option("run folder, its model/ folder, or model.safetensors/model.json (required)", "")
-    input: str = option("CHAOS tree, any DICOM folder tree, or a dlseg Zarr store (required)", "")
+    input: str = option("CHAOS tree, any DICOM folder tree, a dlseg Zarr store, or a NIfTI file or folder "
+                        "(imagesTs/) (required)", "")
     out: str = option("output folder: one sub-folder per case + summary.csv/json (required)", "")
     input_kind: str = option("what --input is", "auto", choices=INPUT_KINDS)
     split: str | None = option("store input: train | val | unlabeled | all", None, default_help="all")

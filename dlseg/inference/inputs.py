@@ -1,4 +1,4 @@
-"""What to predict: cohorts of CHAOS trees, generic DICOM trees and dlseg stores, and the case loader."""
+"""What to predict: cohorts of CHAOS trees, generic DICOM trees, dlseg stores and NIfTI files, and the case loader."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from dlseg.errors import CaseError, ConfigError, StoreError, UsageError, one_lin
 from dlseg.inference.records import stat_fingerprint
 from dlseg.normalize import NormConfig, intensity_stats, prepare_volume
 from dlseg.sources.dicom import Volume, find_series, read_series
-from dlseg.sources.layout import discover, source_sets
+from dlseg.sources.layout import MODALITIES, discover, source_sets
+from dlseg.sources.nifti import header_slices, input_images, is_dataset, is_nifti_input, slice_sources
+from dlseg.sources.nifti_volume import read_volume
 from dlseg.sources.masks import read_masks
 from dlseg.store import Store, sanitize_case_id
 from dlseg.workers import one_core
@@ -28,9 +30,9 @@ class CaseSpec:
     """One case to predict: small and picklable (the DataLoader sends it to a worker)."""
 
     case_id: str
-    kind: str                              # dicom | store
+    kind: str                              # dicom | store | nifti
     root: str                              # input root; source names are relative to it
-    files: tuple[str, ...] = ()            # DICOM files in slice order (dicom)
+    files: tuple[str, ...] = ()            # DICOM files in slice order (dicom); the image file (nifti)
     mask_files: tuple[str, ...] | None = None
     modality: str = ""                     # what the folder/series says (checked against the model)
     labels: str = "liver"
@@ -48,9 +50,14 @@ class Cohort:
 
 
 def detect_kind(path: Path) -> str:
-    """store when ``zarr.json`` is at the root; chaos when Train_Sets/Test_Sets/CT/MR folders exist; else dicom."""
+    """store when ``zarr.json`` is at the root; nifti for NIfTI files; chaos when Train_Sets/Test_Sets/CT/MR
+    folders exist; else dicom."""
     if (path / "zarr.json").is_file():
         return "store"
+    if is_nifti_input(path):
+        return "nifti"
+    if is_dataset(path):
+        raise ConfigError(f"--input {path}: a NIfTI dataset; pass its imagesTs/ (or imagesTr/) folder")
     try:
         source_sets(path)
         return "chaos"
@@ -60,7 +67,8 @@ def detect_kind(path: Path) -> str:
 
 def chaos_cohort(root: Path, meta: dict[str, Any]) -> Cohort:
     """Cases of the model's sequence in a CHAOS tree (Train_Sets and/or Test_Sets), ordered by the layout rules."""
-    cases, failures = discover(root, meta.get("sequence") or "all", meta["labels"])
+    sequence = meta.get("sequence")   # a model trained on NIfTI (sequence mr) predicts every MR sequence
+    cases, failures = discover(root, sequence if sequence in MODALITIES else "all", meta["labels"])
     specs = []
     for c in cases:
         if c.modality.upper() != str(meta["modality"]).upper():
@@ -115,6 +123,16 @@ def store_cohort(root: Path, meta: dict[str, Any], split: str | None) -> Cohort:
     return Cohort("store", specs, fails)
 
 
+def nifti_cohort(path: Path, meta: dict[str, Any]) -> Cohort:
+    """Every NIfTI image of a file or folder (``imagesTs/``, nnU-Net's ``_0000`` dropped from case ids)."""
+    root = path if path.is_dir() else path.parent
+    found, failed = input_images(path)
+    specs = [CaseSpec(case_id=cid, kind="nifti", root=str(root), files=(str(p),), modality=str(meta["modality"]),
+                      labels=meta["labels"], slices=header_slices(p), fingerprint=stat_fingerprint([p], root))
+             for cid, p in found]
+    return Cohort("nifti", specs, [{"case_id": cid, "reason": reason} for cid, reason in failed])
+
+
 def find_cohort(input: str, input_kind: str, split: str | None, meta: dict[str, Any]) -> Cohort:
     """The cases of ``input`` for this model (raises ConfigError / UsageError / StoreError when unusable)."""
     root = Path(input)
@@ -127,6 +145,8 @@ def find_cohort(input: str, input_kind: str, split: str | None, meta: dict[str, 
         cohort = store_cohort(root, meta, split)
     elif kind == "chaos":
         cohort = chaos_cohort(root, meta)
+    elif kind == "nifti":
+        cohort = nifti_cohort(root, meta)
     else:
         cohort = dicom_cohort(root, meta)
     if not cohort.cases and not cohort.failures:
@@ -176,8 +196,10 @@ class CaseDataset(Dataset):
         store = self._store(spec.root)
         attrs = store.info(spec.case_id).attrs
         image, truth = store.read_case(spec.case_id, mask=self.want_image)
-        geometry = {"spacing": attrs["spacing"], "origin": attrs["origin"], "direction": attrs["direction"]}
-        return image, truth, attrs["stats"], geometry, list(attrs["source_files"])
+        geometry = {"spacing": attrs["spacing"], "origin": attrs["origin"], "direction": attrs["direction"],
+                    "nifti": attrs.get("nifti")}
+        sources = list(attrs["source_files"])
+        return image, truth, attrs["stats"], geometry, slice_sources(sources[0], len(image)) if geometry["nifti"] else sources
 
     def _read_dicom(self, spec: CaseSpec) -> tuple[np.ndarray, np.ndarray | None, dict, dict, list[str]]:
         """Image, truth (for overlays), stats, geometry and sources of a DICOM series."""
@@ -189,9 +211,18 @@ class CaseDataset(Dataset):
         truth = self._truth(spec, volume) if self.want_image else None
         return volume.image, truth, stats, geometry, sources
 
+    def _read_nifti(self, spec: CaseSpec) -> tuple[np.ndarray, np.ndarray | None, dict, dict, list[str]]:
+        """Image in canonical (z, y, x) order, stats, geometry (with the source's, written back) and sources."""
+        volume = read_volume(Path(spec.files[0]))
+        geometry = {"spacing": volume.spacing, "origin": volume.origin, "direction": volume.direction,
+                    "nifti": volume.geometry}
+        source = Path(os.path.relpath(spec.files[0], spec.root)).as_posix()
+        return (volume.data, None, intensity_stats(volume.data, self.modality), geometry,
+                slice_sources(source, len(volume.data)))
+
     def _load(self, spec: CaseSpec) -> dict[str, Any]:
         """Read the case, compute its inputs; keep the image and truth only when overlays need them."""
-        read = self._read_store if spec.kind == "store" else self._read_dicom
+        read = {"store": self._read_store, "nifti": self._read_nifti}.get(spec.kind, self._read_dicom)
         image, truth, stats, geometry, sources = read(spec)
         if image.shape[0] == 0:
             raise ValueError("series has no slices")

@@ -3,7 +3,8 @@
     OUT/<case>/slice_NNNN.png       CHAOS submission PNGs (names sort in slice order; gray values below)
     OUT/<case>/sources.json         PNG name → source file (relative to the input)
     OUT/<case>/prediction.npz       key ``mask``: (Z, H, W) uint8 class labels (liver = 1)
-    OUT/<case>/prediction.nii.gz    labels as (x, y, z) uint8, RAS affine from the DICOM geometry
+    OUT/<case>/prediction.nii.gz    labels as (x, y, z) uint8, RAS affine from the DICOM geometry; for a NIfTI
+                                    source its voxel order and exact header geometry
     OUT/<case>/overlays/*.png       image | ground truth (when known) | prediction
     OUT/<case>/record.json          written last: a folder with a record is complete
     OUT/.failed/<case>.json         the reason a case failed
@@ -29,6 +30,7 @@ from dlseg.errors import CaseError, one_line
 from dlseg.fileio import atomic_write, install_dir
 from dlseg.inference.config import Shard
 from dlseg.sources.masks import GRAY_VALUES
+from dlseg.sources.nifti_volume import write_like_source
 
 RECORD = "record.json"
 SOURCES = "sources.json"
@@ -108,8 +110,11 @@ def nifti_affine(spacing: Iterable[float], origin: Iterable[float], direction: I
 
 
 def write_nifti(path: Path, labels: np.ndarray, geometry: dict[str, Any]) -> None:
-    """Labels as (x, y, z) uint8 with the affine from the DICOM geometry."""
-    import nibabel as nib     # optional dependency (extra "nifti"); PredictConfig.check asks for it
+    """Labels as (x, y, z) uint8 with the affine from the DICOM geometry; a NIfTI source's own grid and header."""
+    if geometry.get("nifti"):
+        write_like_source(path, labels, geometry["nifti"])
+        return
+    import nibabel as nib
 
     affine = nifti_affine(geometry["spacing"], geometry["origin"], geometry["direction"])
     img = nib.Nifti1Image(np.ascontiguousarray(labels.transpose(2, 1, 0)), affine)

@@ -245,13 +245,13 @@ def input_images(path: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, st
     """(case id, image) of a NIfTI file or folder, and (case id, reason) of images that cannot be cases.
 
     In a folder where every name ends in ``_NNNN`` (nnU-Net), ``_0000`` is the image and the suffix is dropped;
-    another channel makes its case fail.
+    another channel makes its case fail. A single file named ``*_0000`` loses the suffix too.
     """
     files = nifti_files(path)
     channels = [CHANNEL_RE.match(nifti_stem(p)) for p in files]
     found: dict[str, Path] = {}
     failed: list[tuple[str, str]] = []
-    nnunet = path.is_dir() and all(channels)
+    nnunet = bool(files) and all(channels) and (path.is_dir() or channels[0].group("channel") == "0000")
     for p, m in zip(files, channels):
         cid = sanitize_case_id(m.group("case") if nnunet else nifti_stem(p))
         if nnunet and m.group("channel") != "0000":
@@ -262,6 +262,14 @@ def input_images(path: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, st
             found[cid] = p
     bad = {c for c, _ in failed}
     return [(c, p) for c, p in found.items() if c not in bad], failed
+
+
+def header_slices(path: Path) -> int:
+    """Canonical slice count from the header (progress only; 0 when unreadable: the case fails when read)."""
+    try:
+        return canonical_slices(path)
+    except CaseError:
+        return 0
 
 
 def slice_sources(image: str, slices: int) -> list[str]:

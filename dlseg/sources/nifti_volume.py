@@ -170,25 +170,31 @@ def check_integral(values: np.ndarray, path: Path) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def read_labels(path: Path, declared: set[int] | None = None, like: NiftiVolume | None = None) -> np.ndarray:
+def read_labels(path: Path, declared: set[int], like: NiftiVolume) -> np.ndarray:
     """A label file → canonical (z, y, x) int64 labels, validated: integral (float storage accepted), within
-    ``declared`` (when given) and, with ``like``, on the same grid as that image."""
+    ``declared`` and on the same voxel grid as the image ``like``."""
     img = load(path)
     data = read_array(img, path)
     values = check_integral(np.unique(data), path)
-    if declared is not None:
-        bad = sorted(set(values.tolist()) - declared)
-        if bad:
-            raise CaseError(path, f"label values {', '.join(map(str, bad))} are not declared in dataset.json "
-                                  f"(declared: {', '.join(map(str, sorted(declared)))})")
-    if like is None:
-        return to_canonical(data.astype(np.int64), orientation(img, path))
+    bad = sorted(set(values.tolist()) - declared)
+    if bad:
+        raise CaseError(path, f"label values {', '.join(map(str, bad))} are not declared in dataset.json "
+                              f"(declared: {', '.join(map(str, sorted(declared)))})")
     if list(data.shape) != like.geometry["shape"]:
         raise CaseError(path, f"labels are {'x'.join(map(str, data.shape))} but the image is "
                               f"{'x'.join(map(str, like.geometry['shape']))} (voxels)")
     if not np.allclose(img.affine, like.geometry["affine"], rtol=1e-5, atol=1e-3):
         raise CaseError(path, "labels and image have different affines (not the same voxel grid)")
     return to_canonical(data.astype(np.int64), like.geometry["transform"])
+
+
+def read_label_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A label file as canonical (z, y, x) int64 labels (integral values checked) and its spacing (z, y, x)."""
+    img = load(path)
+    geometry = source_geometry(img, path)
+    data = read_array(img, path)
+    check_integral(np.unique(data), path)
+    return to_canonical(data.astype(np.int64), geometry["transform"]), tuple(canonical_frame(geometry)[0])
 
 
 def write_like_source(path: Path, labels: np.ndarray, geometry: dict[str, Any]) -> None:
