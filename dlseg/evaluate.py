@@ -116,7 +116,7 @@ class TruthSpec:
 
 
 def truth_kind(path: Path) -> str:
-    """``store`` for a Zarr store, ``nifti`` for a folder of NIfTI labels, ``chaos`` for anything else (a CHAOS tree)."""
+    """``store`` for a Zarr store, ``nifti`` for a folder of NIfTI labels, ``chaos`` for anything else (CHAOS tree)."""
     if (path / "zarr.json").is_file():
         return "store"
     return "nifti" if is_nifti_input(path) else "chaos"

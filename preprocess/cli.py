@@ -11,7 +11,8 @@ from dlseg.config import parse_args
 from dlseg.console import print_error, run_entry
 from dlseg.preprocessing.pipeline import PreprocessConfig, print_report, run
 
-DESCRIPTION = "Convert a CHAOS-layout cohort (DICOM + ground-truth PNGs) into one Zarr store."
+DESCRIPTION = ("Convert a CHAOS-layout cohort (DICOM + ground-truth PNGs) or an MSD / nnU-Net NIfTI dataset into one "
+               "Zarr store.")
 
 
 def _main(argv: list[str] | None) -> int:

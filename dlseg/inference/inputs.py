@@ -199,7 +199,9 @@ class CaseDataset(Dataset):
         geometry = {"spacing": attrs["spacing"], "origin": attrs["origin"], "direction": attrs["direction"],
                     "nifti": attrs.get("nifti")}
         sources = list(attrs["source_files"])
-        return image, truth, attrs["stats"], geometry, slice_sources(sources[0], len(image)) if geometry["nifti"] else sources
+        if geometry["nifti"]:   # one source file: name its slices
+            sources = slice_sources(sources[0], len(image))
+        return image, truth, attrs["stats"], geometry, sources
 
     def _read_dicom(self, spec: CaseSpec) -> tuple[np.ndarray, np.ndarray | None, dict, dict, list[str]]:
         """Image, truth (for overlays), stats, geometry and sources of a DICOM series."""

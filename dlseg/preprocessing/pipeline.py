@@ -1,4 +1,5 @@
-"""Preprocessing runs: a CHAOS tree or a NIfTI dataset → one Zarr store, in parallel, resumable (``python -m preprocess``).
+"""Preprocessing runs: a CHAOS tree or a NIfTI dataset → one Zarr store, in parallel, resumable
+(``python -m preprocess``).
 
 Exit status: 0 every case converted (or unchanged), 1 some cases failed (the rest written), 2 unusable arguments.
 """

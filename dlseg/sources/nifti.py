@@ -80,8 +80,8 @@ def parse_labels(path: Path, labels: Any) -> dict[int, str]:
             raise UsageError(f"{path}: region-based labels (lists of values) are not supported")
     except ValueError:
         raise UsageError(f"{path}: 'labels' keys must be integers (MSD) or values integers (nnU-Net)") from None
-    if 0 not in out:
-        raise UsageError(f"{path}: 'labels' has no background value 0")
+    if 0 not in out or min(out) < 0:
+        raise UsageError(f"{path}: 'labels' needs background 0 and no negative values (have {sorted(out)})")
     return out
 
 
@@ -126,7 +126,8 @@ def select_labels(ds: NiftiDataset, labels: str) -> tuple[dict[int, int], dict[i
 
 
 def resolve(root: Path, entry: Any, what: str) -> Path:
-    """A dataset.json path (``./imagesTr/x.nii.gz``) under ``root``; nnU-Net v1's ``x_0000.nii.gz`` when only it exists."""
+    """A dataset.json path (``./imagesTr/x.nii.gz``) under ``root``; nnU-Net v1's ``x_0000.nii.gz`` when only it
+    exists."""
     if not isinstance(entry, str) or not entry:
         raise UsageError(f"{root / DATASET_JSON}: a {what} entry is not a file name: {entry!r}")
     path = root / entry
@@ -215,11 +216,13 @@ def discover_dataset(src: Path, labels: str) -> tuple[list[CaseSource], list[Fai
                                              else e.path), e.reason, subject))
         seen.add(cid)
     if not cases and not failures:
-        raise UsageError(f"{src}: dataset.json lists no cases (and {'imagesTr/ is empty' if ds.layout == 'nnunet' else 'no training pairs'})")
+        where = "imagesTr/ has no <case>_0000 images" if ds.layout == "nnunet" else "dataset.json lists no cases"
+        raise UsageError(f"{src}: no cases ({where})")
     return cases, failures, names
 
 
-def discover_cases(src: str | os.PathLike, modality: str, labels: str) -> tuple[list[CaseSource], list[Failure], dict[int, str]]:
+def discover_cases(src: str | os.PathLike, modality: str,
+                   labels: str) -> tuple[list[CaseSource], list[Failure], dict[int, str]]:
     """A CHAOS tree or a NIfTI dataset (``dataset.json``): cases, failures and the store's label map."""
     if is_dataset(src):
         return discover_dataset(Path(src), labels)

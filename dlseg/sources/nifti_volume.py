@@ -160,6 +160,11 @@ def read_volume(path: Path) -> NiftiVolume:
     return NiftiVolume(data, spacing, origin, direction, geometry)
 
 
+def label_dtype(values: np.ndarray) -> type:
+    """uint8 when every label fits (the usual case: a volume of int64 would be 8x the memory), else int32."""
+    return np.uint8 if values.size == 0 or (values.min() >= 0 and values.max() <= 255) else np.int32
+
+
 def check_integral(values: np.ndarray, path: Path) -> np.ndarray:
     """Distinct label values as int64; CaseError naming the non-integral ones."""
     if values.dtype.kind == "f":
@@ -171,7 +176,7 @@ def check_integral(values: np.ndarray, path: Path) -> np.ndarray:
 
 
 def read_labels(path: Path, declared: set[int], like: NiftiVolume) -> np.ndarray:
-    """A label file → canonical (z, y, x) int64 labels, validated: integral (float storage accepted), within
+    """A label file → canonical (z, y, x) integer labels, validated: integral (float storage accepted), within
     ``declared`` and on the same voxel grid as the image ``like``."""
     img = load(path)
     data = read_array(img, path)
@@ -185,16 +190,16 @@ def read_labels(path: Path, declared: set[int], like: NiftiVolume) -> np.ndarray
                               f"{'x'.join(map(str, like.geometry['shape']))} (voxels)")
     if not np.allclose(img.affine, like.geometry["affine"], rtol=1e-5, atol=1e-3):
         raise CaseError(path, "labels and image have different affines (not the same voxel grid)")
-    return to_canonical(data.astype(np.int64), like.geometry["transform"])
+    return to_canonical(data.astype(label_dtype(values)), like.geometry["transform"])
 
 
 def read_label_volume(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A label file as canonical (z, y, x) int64 labels (integral values checked) and its spacing (z, y, x)."""
+    """A label file as canonical (z, y, x) integer labels (integral values checked) and its spacing (z, y, x)."""
     img = load(path)
     geometry = source_geometry(img, path)
     data = read_array(img, path)
-    check_integral(np.unique(data), path)
-    return to_canonical(data.astype(np.int64), geometry["transform"]), tuple(canonical_frame(geometry)[0])
+    values = check_integral(np.unique(data), path)
+    return to_canonical(data.astype(label_dtype(values)), geometry["transform"]), tuple(canonical_frame(geometry)[0])
 
 
 def write_like_source(path: Path, labels: np.ndarray, geometry: dict[str, Any]) -> None:
