@@ -23,6 +23,7 @@ from dlseg.inference.config import PredictConfig
 from dlseg.inference.runner import predict_cohort
 from dlseg.model import build_model
 from dlseg.normalize import NormConfig
+from dlseg.predict import main as predict_main
 from dlseg.sources.nifti import input_images
 from dlseg.sources.nifti_volume import HEADER_FIELDS, from_canonical, read_volume, to_canonical
 from dlseg.store import Store
@@ -307,3 +308,22 @@ def test_predict_single_file_and_channel_suffixes(tmp_path):
     found, failed = input_images(src / "imagesTr")
     assert [c for c, _ in found] == ["abd_002"]
     assert failed and failed[0][0] == "abd_001" and "channel 0001" in failed[0][1]
+
+
+def test_grid_mismatch_and_missing_files_fail_alone(tmp_path, capsys):
+    src = msd_dataset(tmp_path / "msd", {"p1": "ras", "p2": "perm", "p3": "lps"})
+    save(src / "labelsTr" / "p2.nii.gz", phantom(1)[1], AFFINES["ras"])             # another voxel grid
+    (src / "imagesTr" / "p3.nii.gz").unlink()
+    assert preprocess(src, tmp_path / "s.zarr", "--val-fraction", "0") == 1
+    text = " ".join(capsys.readouterr().out.split())
+    assert "labelsTr/p2.nii.gz" in text and "different affines" in text
+    assert "imagesTr/p3.nii.gz" in text and "not found" in text
+    assert Store(tmp_path / "s.zarr").cases == ["p1"]
+
+
+def test_predict_refuses_a_dataset_root(tmp_path, capsys):
+    src = nnunet_dataset(tmp_path / "nn")
+    model = make_model(tmp_path / "model", "CT", 3)
+    assert predict_main(["--model", str(model), "--input", str(src), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a NIfTI dataset; pass its imagesTs/" in err[0]
