@@ -156,7 +156,7 @@ def test_msd_dataset_to_store(tmp_path, capsys):
         assert attrs["source_files"] == [f"imagesTr/{cid}.nii.gz"]
         assert np.allclose(attrs["nifti"]["affine"], img.affine) and attrs["nifti"]["shape"] == list(SHAPE)
         assert (tmp_path / "s.qa" / f"{cid}.png").is_file()
-    # resumable: a second run converts nothing; a changed dataset.json label map changes fingerprints
+    # resumable: a second run converts nothing
     before = store.fingerprint
     assert preprocess(src, out, "--labels", "all", "--val-fraction", "0.34") == 1
     assert "0 written, 3 unchanged, 2 failed" in capsys.readouterr().out.replace("\n", " ")
@@ -171,10 +171,17 @@ def test_msd_one_structure_and_bad_label_choice(tmp_path, capsys):
     assert store.label_map == {"0": "background", "1": "marker"}
     _, mask = store.read_case("p1")
     assert mask.sum() == 1 and mask.max() == 1                                  # only the marker voxel
+    # dataset.json now calls value 1 the marker: the label selection is in the fingerprint, the cases are redone
+    doc = json.loads((src / "dataset.json").read_text())
+    doc["labels"] = {"0": "background", "1": "marker", "2": "liver"}
+    (src / "dataset.json").write_text(json.dumps(doc))
     capsys.readouterr()
+    assert preprocess(src, out, "--labels", "Marker", "--val-fraction", "0.5") == 0
+    assert "2 written, 0 unchanged" in " ".join(capsys.readouterr().out.split())
+    assert Store(out).read_case("p1")[1].sum() == 6 * 4 * 3                     # the value-1 box
     assert preprocess(src, tmp_path / "x.zarr", "--labels", "kidney") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--labels 'kidney'" in err[0] and "have: liver, marker" in err[0]
+    assert len(err) == 1 and "--labels 'kidney'" in err[0] and "have: marker, liver" in err[0]
     assert not (tmp_path / "x.zarr").exists()
 
 
