@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from dlseg.console import console
 from dlseg.errors import ConfigError
 from dlseg.fileio import atomic_write
@@ -140,15 +138,15 @@ def print_selection(rows: list[dict[str, Any]], path: Path, everything: bool = F
     for r in rows:
         studies.setdefault(r["study"], []).append(r)
     if everything or len(studies) <= SCREEN_STUDIES:
+        width = min(max((len(r["description"]) for r in rows), default=0), 28)
         for study, members in studies.items():
-            table = Table(title=study, title_justify="left", show_edge=False, pad_edge=False)
-            for col in ("decision", "case_id", "#", "description", "echo", "slices", "reason"):
-                table.add_column(col, overflow="fold")
+            console.print(study, highlight=False)
             for r in members:
-                mark = "[green]predict[/]" if r["decision"] == "predict" else "[yellow]skip[/]"
-                table.add_row(mark, r["case_id"], str(r["series_number"] or ""), r["description"], r["echo"],
-                              str(r["slices"]), r["reason"])
-            console.print(table)
+                mark = "[green]predict[/]" if r["decision"] == "predict" else "[yellow]skip   [/]"
+                series = f"#{r['series_number'] or '?'}"
+                echo = f" {r['echo']}" if r["echo"] else ""
+                console.print(f"  {mark} {r['case_id']}  {series:>5} {r['description'][:28]:<{width}} "
+                              f"{r['slices']:>4} sl{echo}: {r['reason']}", highlight=False, soft_wrap=True)
     chosen = sum(r["decision"] == "predict" for r in rows)
     console.print(f"selection: {chosen} of {len(rows)} series volumes in {len(studies)} studies to predict, "
                   f"{len(rows) - chosen} skipped ({path})", highlight=False, soft_wrap=True)
