@@ -113,7 +113,15 @@ def test_skip_rules():
 def pacs(tmp_path_factory):
     """4 MR studies (1.5 T / 3 T × dual echo in two series / in one series) and a CT study."""
     root = tmp_path_factory.mktemp("pacs")
-    return root, generate_pacs(root, size=32, slices=10)
+    volumes = generate_pacs(root, size=32, slices=8)
+    return root, volumes, find_series(root)
+
+
+@pytest.fixture(scope="module")
+def small_pacs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("small_pacs")
+    generate_pacs(root, mr_studies=1, ct_studies=0, size=32, slices=8)
+    return root
 
 
 def expected_selection(volumes, sequence: str) -> tuple[set, dict]:
@@ -125,8 +133,8 @@ def expected_selection(volumes, sequence: str) -> tuple[set, dict]:
 
 @pytest.mark.parametrize("modality, sequence", [("MR", "t1-in"), ("MR", "t1-out"), ("MR", "t2"), ("CT", "ct")])
 def test_pacs_export_selects_exactly_the_models_series(pacs, modality, sequence):
-    root, volumes = pacs
-    decisions = select_series(find_series(root), {"modality": modality, "sequence": sequence}, SeriesChoice(), "s")
+    _, volumes, series = pacs
+    decisions = select_series(series, {"modality": modality, "sequence": sequence}, SeriesChoice(), "s")
     got = {(d.row()["series_number"], d.volume.echo) for d in decisions if d.predict}
     chosen, reasons = expected_selection(volumes, sequence)
     assert got == chosen and len(chosen) == (1 if modality == "CT" else 4)
@@ -144,7 +152,7 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def test_predict_pacs_export_skipped_is_not_failed(pacs, tmp_path, capsys):
-    root, volumes = pacs
+    root, volumes, _ = pacs
     model = make_model(tmp_path / "model", "MR", "t1-in")
     out = tmp_path / "out"
     code = main(["--model", str(model), "--input", str(root), "--out", str(out), "--batch-size", "16"])
@@ -166,7 +174,7 @@ def test_predict_pacs_export_skipped_is_not_failed(pacs, tmp_path, capsys):
 
 
 def test_dry_run_and_overrides(pacs, tmp_path, capsys):
-    root, volumes = pacs
+    root, _, _ = pacs
     model = make_model(tmp_path / "model", "MR", "t1-in")
     out = tmp_path / "out"
     args = ["--model", str(model), "--input", str(root), "--out", str(out), "--dry-run"]
@@ -189,8 +197,8 @@ def test_dry_run_and_overrides(pacs, tmp_path, capsys):
     assert main(args + ["--series-description", "("]) == 2
 
 
-def test_case_ids_are_salted_per_output_folder(pacs, tmp_path, capsys):
-    root, _ = pacs
+def test_case_ids_are_salted_per_output_folder(small_pacs, tmp_path, capsys):
+    root = small_pacs
     model = make_model(tmp_path / "model", "MR", "t1-in")
 
     def ids(out: Path, *extra: str) -> list[str]:

@@ -244,8 +244,9 @@ def announce(plan: dict[str, Any], shard: Shard | None, state: PartialState) -> 
     """What this run will do: cases, reused, unusable, processes, device."""
     part = "" if shard is None else f"shard {shard.index}/{shard.count}: "
     console.print(f"predict: {part}{len(plan['all'])} of {plan['cohort_total']} {plan['kind']} cases "
-                  f"({len(plan['reused'])} already done, {len(plan['early'])} unusable) on "
-                  f"{state.num_processes} process(es), device {state.device}", highlight=False)
+                  f"({len(plan['reused'])} already done, {len(plan['early'])} unusable, "
+                  f"{len(plan['skipped'])} skipped) on {state.num_processes} process(es), device {state.device}",
+                  highlight=False)
     if shard is not None and len(plan["all"]) + len(plan["early"]) == 0:
         console.print(f"[yellow]note:[/] shard {shard.index}/{shard.count} has no cases (the cohort has "
                       f"{plan['cohort_total']}, fewer than the {shard.count} shards): nothing to predict",

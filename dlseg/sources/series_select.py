@@ -10,8 +10,8 @@ period cannot decide.
 from __future__ import annotations
 
 import re
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -44,7 +44,6 @@ class SeriesVolume:
     sequence: str | None = None           # ct | t1-in | t1-out | t2 | None
     why: str = ""                         # why this sequence, or why it is skipped
     skip: str | None = None               # the skip reason (None: usable)
-    notes: list[str] = field(default_factory=list)
 
     @property
     def first(self) -> dict[str, Any]:
@@ -128,7 +127,8 @@ def weighting(h: dict[str, Any]) -> tuple[str | None, str]:
         return "t2", "description says T2"
     if T1_RE.search(desc):
         return "t1", "description says T1"
-    return None, f"cannot tell T1 from T2 (TR {tr if tr is not None else '?'} ms, TE {te if te is not None else '?'} ms)"
+    return None, f"cannot tell T1 from T2 (TR {'?' if tr is None else f'{tr:g}'} ms, " \
+                 f"TE {'?' if te is None else f'{te:g}'} ms, description without T1/T2)"
 
 
 # ---------------------------------------------------------------------------------------------- skip rules
@@ -208,7 +208,8 @@ def classify_mr_t1(volumes: list[SeriesVolume]) -> None:
         for v in group:
             if v.sequence == "t1" and v.first["echo_time"] is not None:
                 phase = "out" if v.first["echo_time"] == tes[0] else "in"
-                v.sequence, v.why = f"t1-{phase}", f"dual echo TE {tes[0]:g}/{tes[1]:g} ms: the shorter is opposed phase"
+                v.sequence = f"t1-{phase}"
+                v.why = f"dual echo TE {tes[0]:g}/{tes[1]:g} ms: the shorter is opposed phase"
     for v in volumes:
         if v.sequence == "t1":
             te = v.first["echo_time"]
@@ -247,7 +248,3 @@ def series_volumes(series: Iterable[tuple[str, list[Path], list[dict[str, Any]]]
         classify_mr_t1(group)
     return volumes
 
-
-def sequence_counts(volumes: list[SeriesVolume]) -> Counter:
-    """How many usable volumes of each sequence (for the dry run's closing line)."""
-    return Counter(v.sequence for v in volumes if v.skip is None)
