@@ -66,6 +66,8 @@ def stack(n: int = 10, **kw) -> list[dict]:
                                                               description="T2 SPIR"), "t2"),
     (dict(echo_time=30.0, repetition_time=3000.0, description="T1 FLAIR"), "t1"),
     (dict(echo_time=30.0, repetition_time=3000.0, description="PD"), None),
+    (dict(echo_time=2.3, repetition_time=None, scanning_sequence=("GR",)), "t1"),
+    (dict(echo_time=2.3, repetition_time=None, scanning_sequence=("SE",)), None),
 ])
 def test_weighting(fields, kind):
     assert weighting(header(**fields))[0] == kind

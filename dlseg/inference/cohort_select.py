@@ -9,7 +9,7 @@ from dlseg.console import console
 from dlseg.export import read_meta
 from dlseg.inference.config import PredictConfig
 from dlseg.inference.inputs import Cohort, find_cohort
-from dlseg.inference.privacy import cohort_salt
+from dlseg.inference.privacy import SourceRefs, cohort_salt
 from dlseg.inference.selection import SeriesChoice, print_selection, read_uid_file, write_selection
 
 
@@ -24,6 +24,8 @@ def selected_cohort(cfg: PredictConfig, meta: dict[str, Any], out: Path, everyth
     out.mkdir(parents=True, exist_ok=True)
     salt = cohort_salt(out, cfg.id_salt)
     cohort = find_cohort(cfg.input, cfg.input_kind, cfg.split, meta, series_choice(cfg), salt)
+    refs = SourceRefs(salt, cfg.record_sources)
+    cohort.failures = [{**f, "reason": refs.redact(f["reason"], cfg.input, ())} for f in cohort.failures]
     if cohort.selection:
         print_selection(cohort.selection, write_selection(out, cohort.selection), everything)
     return cohort, salt

@@ -123,6 +123,8 @@ def weighting(h: dict[str, Any]) -> tuple[str | None, str]:
         return "t2", f"TE {te:g} ms ≥ {T2_MIN_TE_MS:g}"
     if te is not None and tr is not None and te <= T1_MAX_TE_MS and tr <= T1_MAX_TR_MS:
         return "t1", f"TR {tr:g} ms, TE {te:g} ms"
+    if te is not None and tr is None and te <= T1_MAX_TE_MS and "GR" in h.get("scanning_sequence", ()):
+        return "t1", f"gradient echo, TE {te:g} ms"
     if T2_RE.search(desc):
         return "t2", "description says T2"
     if T1_RE.search(desc):
