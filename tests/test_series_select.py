@@ -92,6 +92,13 @@ def test_two_series_of_one_acquisition_pair_up_by_positions():
     assert alone.sequence is None and "neither in- nor opposed-phase" in alone.skip
 
 
+def test_dixon_image_type_decides_the_phase():
+    files = [Path(f"d{k}") for k in range(10)]
+    dixon = ("DERIVED", "PRIMARY", "DIXON", "OPP_PHASE")
+    v = series_volumes([("1.3", files, stack(image_type=dixon, echo_time=None, description="T1 VIBE DIXON"))])[0]
+    assert (v.sequence, v.skip, v.why) == ("t1-out", None, "ImageType")
+
+
 def test_skip_rules():
     assert content_skip(header(image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")), 20, 8) == "localizer"
     assert content_skip(header(description="3-plane loc"), 20, 8) == "localizer"

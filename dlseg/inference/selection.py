@@ -110,8 +110,8 @@ def select_series(series: list[SeriesFiles], meta: dict[str, Any], choice: Serie
     studies = {v.study: f"study-{salted_hash(salt, 'study', v.study, n=8)}" for v in volumes}
     decisions = [Decision(v, case_id(v.first["modality"], v.uid, v.echo, salt), studies[v.study],
                           *decide(v, modality, sequence, choice)) for v in volumes]
-    order = list(studies)
-    return sorted(decisions, key=lambda d: order.index(d.volume.study))
+    rank = {study: k for k, study in enumerate(studies)}
+    return sorted(decisions, key=lambda d: rank[d.volume.study])
 
 
 def write_selection(out: Path, rows: list[dict[str, Any]]) -> Path:

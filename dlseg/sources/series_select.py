@@ -62,6 +62,11 @@ def _float(ds: pydicom.Dataset, name: str) -> float | None:
         return None
 
 
+def _round(v: float | None, digits: int) -> float | None:
+    """``v`` rounded (so that 2.38 and 2.3800001 are one echo), None stays None."""
+    return None if v is None else round(v, digits)
+
+
 def _words(ds: pydicom.Dataset, name: str) -> tuple[str, ...]:
     v = ds.get(name)
     if v in (None, ""):
@@ -79,7 +84,7 @@ def header_fields(ds: pydicom.Dataset) -> dict[str, Any]:
         "image_type": _words(ds, "ImageType"), "description": str(ds.get("SeriesDescription", "") or ""),
         "series_number": ds.get("SeriesNumber"), "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
         "field_strength": _float(ds, "MagneticFieldStrength"), "frequency": _float(ds, "ImagingFrequency"),
-        "echo_time": _float(ds, "EchoTime"), "echo_number": _float(ds, "EchoNumbers"),
+        "echo_time": _round(_float(ds, "EchoTime"), 3), "echo_number": _float(ds, "EchoNumbers"),
         "repetition_time": _float(ds, "RepetitionTime"), "scanning_sequence": _words(ds, "ScanningSequence"),
         "sequence_name": str(ds.get("SequenceName", "") or ""), "b_value": _float(ds, "DiffusionBValue"),
         "rows": ds.get("Rows"), "cols": ds.get("Columns"), "frames": int(_float(ds, "NumberOfFrames") or 1),
