@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,13 @@ def selected_cohort(cfg: PredictConfig, meta: dict[str, Any], out: Path, everyth
     return cohort, salt
 
 
-def dry_run(cfg: PredictConfig) -> dict[str, Any]:
-    """Show what a run would predict (no model forward, no outputs but the selection and the salt)."""
+def dry_run(cfg: PredictConfig) -> dict[str, Any] | None:
+    """Show what a run would predict (no model forward, no outputs but the selection and the salt).
+
+    Under a multi-process launch only rank 0 looks (the others return None, as non-main processes do).
+    """
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return None
     cohort, _ = selected_cohort(cfg, read_meta(cfg.model), Path(cfg.out), everything=True)
     if not cohort.selection:
         console.print(f"dry run: {len(cohort.cases)} {cohort.kind} cases would be predicted, "
