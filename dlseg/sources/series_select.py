@@ -67,6 +67,14 @@ def _round(v: float | None, digits: int) -> float | None:
     return None if v is None else round(v, digits)
 
 
+def _floats(ds: pydicom.Dataset, name: str, digits: int) -> tuple[float, ...] | None:
+    """A multi-valued number tag, rounded; None when absent or unreadable."""
+    try:
+        return tuple(round(float(x), digits) for x in ds.get(name) or ()) or None
+    except (TypeError, ValueError):
+        return None
+
+
 def _words(ds: pydicom.Dataset, name: str) -> tuple[str, ...]:
     v = ds.get(name)
     if v in (None, ""):
@@ -77,19 +85,17 @@ def _words(ds: pydicom.Dataset, name: str) -> tuple[str, ...]:
 
 def header_fields(ds: pydicom.Dataset) -> dict[str, Any]:
     """What the selection rules read from one file's header, as plain Python."""
-    orient = ds.get("ImageOrientationPatient")
-    pos = ds.get("ImagePositionPatient")
     return {
         "sop_class": str(ds.get("SOPClassUID", "") or ""), "modality": str(ds.get("Modality", "") or ""),
         "image_type": _words(ds, "ImageType"), "description": str(ds.get("SeriesDescription", "") or ""),
-        "series_number": ds.get("SeriesNumber"), "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
+        "series_number": None if _float(ds, "SeriesNumber") is None else int(_float(ds, "SeriesNumber")),
+        "study_uid": str(ds.get("StudyInstanceUID", "") or ""),
         "field_strength": _float(ds, "MagneticFieldStrength"), "frequency": _float(ds, "ImagingFrequency"),
         "echo_time": _round(_float(ds, "EchoTime"), 3), "echo_number": _float(ds, "EchoNumbers"),
         "repetition_time": _float(ds, "RepetitionTime"), "scanning_sequence": _words(ds, "ScanningSequence"),
         "sequence_name": str(ds.get("SequenceName", "") or ""), "b_value": _float(ds, "DiffusionBValue"),
         "rows": ds.get("Rows"), "cols": ds.get("Columns"), "frames": int(_float(ds, "NumberOfFrames") or 1),
-        "orientation": tuple(round(float(x), 4) for x in orient) if orient else None,
-        "position": tuple(round(float(x), 2) for x in pos) if pos else None,
+        "orientation": _floats(ds, "ImageOrientationPatient", 4), "position": _floats(ds, "ImagePositionPatient", 2),
     }
 
 
