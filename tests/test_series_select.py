@@ -11,8 +11,8 @@ import pydicom
 import pytest
 
 from dlseg.inference import outputs
-from dlseg.inference.privacy import SALT_FILE
-from dlseg.inference.selection import SELECTION_FILE, SeriesChoice, select_series
+from dlseg.inference.privacy import SALT_FILE, read_salt
+from dlseg.inference.selection import SELECTION_FILE, SeriesChoice, read_selection, select_series
 from dlseg.predict import main
 from dlseg.sources.dicom import find_series
 from dlseg.sources.series_select import (content_skip, echo_phase, fat_water_period_ms, field_strength, geometry_skip,
@@ -167,7 +167,7 @@ def test_predict_pacs_export_skipped_is_not_failed(pacs, tmp_path, capsys):
     code = main(["--model", str(model), "--input", str(root), "--out", str(out), "--batch-size", "16"])
     assert code == 0
     rows = {r["case_id"]: r for r in read_csv(outputs.summary_files(out)[0])}
-    selection = read_csv(out / SELECTION_FILE)
+    selection = read_selection(out)
     predicted = {r["case_id"] for r in selection if r["decision"] == "predict"}
     assert {(int(r["series_number"]), r["echo"]) for r in selection if r["decision"] == "predict"} == \
         expected_selection(volumes, "t1-in")[0]
@@ -189,17 +189,17 @@ def test_dry_run_and_overrides(pacs, tmp_path, capsys):
     args = ["--model", str(model), "--input", str(root), "--out", str(out), "--dry-run"]
     assert main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted([SELECTION_FILE, SALT_FILE])
-    first = read_csv(out / SELECTION_FILE)
+    first = read_selection(out)
     assert sum(r["decision"] == "predict" for r in first) == 4
     assert "study-" in capsys.readouterr().out
     assert main(args + ["--series-description", "haste"]) == 0          # case-insensitive regular expression
-    haste = read_csv(out / SELECTION_FILE)
+    haste = read_selection(out)
     assert {int(r["series_number"]) for r in haste if r["decision"] == "predict"} == {105, 205, 305, 405}
     assert [r["case_id"] for r in haste] == [r["case_id"] for r in first]   # same salt, same ids
     uid = pydicom.dcmread(next(root.rglob("SE0303/*.dcm")), stop_before_pixels=True)
     (tmp_path / "uids.txt").write_text(f"# one series\n{uid.SeriesInstanceUID}\n")
     assert main(args + ["--series-uids", str(tmp_path / "uids.txt")]) == 0
-    chosen = read_csv(out / SELECTION_FILE)
+    chosen = read_selection(out)
     assert {(int(r["series_number"]), r["echo"]) for r in chosen if r["decision"] == "predict"} == \
         {(303, "TE 2.38"), (303, "TE 4.76")}                              # both echoes of the chosen series
     assert main(args + ["--series-uids", str(tmp_path / "missing.txt")]) == 2
@@ -212,14 +212,14 @@ def test_case_ids_are_salted_per_output_folder(small_pacs, tmp_path, capsys):
 
     def ids(out: Path, *extra: str) -> list[str]:
         assert main(["--model", str(model), "--input", str(root), "--out", str(out), "--dry-run", *extra]) == 0
-        return [r["case_id"] for r in read_csv(out / SELECTION_FILE)]
+        return [r["case_id"] for r in read_selection(out)]
 
     a, b = ids(tmp_path / "a"), ids(tmp_path / "b")
     assert set(a).isdisjoint(b)                      # two cohorts (sites) cannot be linked by id
     assert ids(tmp_path / "a") == a                  # a resume keeps them
     given = ids(tmp_path / "c", "--id-salt", "site-7")
     assert ids(tmp_path / "d", "--id-salt", "site-7") == given
-    assert json.loads((tmp_path / "c" / SALT_FILE).read_text())["salt"] == "site-7"
+    assert read_salt(tmp_path / "c") == "site-7"
     capsys.readouterr()
     assert main(["--model", str(model), "--input", str(root), "--out", str(tmp_path / "c"), "--dry-run",
                  "--id-salt", "other"]) == 2
