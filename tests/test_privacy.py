@@ -15,6 +15,7 @@ import pydicom
 import pytest
 
 from dlseg.inference import outputs
+from dlseg.inference.privacy import SourceRefs, salted_hash
 from dlseg.predict import main
 from dlseg.synthetic.pacs import generate_pacs
 
@@ -69,6 +70,21 @@ def test_no_identifier_in_any_output_byte_or_console_line(export, tmp_path):
     leaks = [(name, n) for name, data in blobs.items() for n in needles if n.encode() in data]
     assert leaks == []
     assert all(n.encode() not in p.name.encode() for p in files for n in needles)
+
+
+def test_redact_names_files_and_folders_by_place(tmp_path):
+    root = tmp_path / "JANE DOE"
+    files = [str(root / "DOE^JANE" / "SE0104" / f"IM{k}.dcm") for k in range(3)]
+    refs = SourceRefs("salt")
+    assert refs.redact(f"{files[1]}: corrupt DICOM", str(root), files) == "<file 2 of 3>: corrupt DICOM"
+    assert refs.redact(f"{root / 'DOE^JANE' / 'SE0104'}: no image slices", str(root), files) == \
+        "<source folder>: no image slices"
+    assert refs.redact(f"DOE^JANE/SE0104/IM0.dcm and {root}", str(root), files) == "<file 1 of 3> and <input>"
+    assert SourceRefs("salt", record_paths=True).redact(files[0], str(root), files) == files[0]
+    assert refs.slices(["a", "b"], ["1.2.3", "1.2.4"]) == [f"sop-{salted_hash('salt', u, n=16)}" for u in
+                                                            ("1.2.3", "1.2.4")]
+    assert refs.slices(["a", "b"], None) == ["slice-0", "slice-1"]
+    assert SourceRefs("other").slices(["a"], ["1.2.3"]) != refs.slices(["a"], ["1.2.3"])
 
 
 def test_record_sources_brings_paths_back(export, tmp_path, capsys):

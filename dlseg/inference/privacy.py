@@ -82,6 +82,8 @@ class SourceRefs:
             return text
         files = list(files)
         names = [(str(Path(f)), f"<file {k + 1} of {len(files)}>") for k, f in enumerate(files)]
+        folders = {d for f in files for d in Path(f).parents if Path(root) in d.parents}
+        names += [(str(d), "<source folder>") for d in folders]
         names += [(os.path.relpath(f, root), n) for f, n in names]
         for old, new in sorted(names, key=lambda p: -len(p[0])):
             text = text.replace(old, new)
