@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from dlseg.inference import outputs
-from dlseg.inference.privacy import SourceRefs, salted_hash
+from dlseg.inference.privacy import SALT_FILE, SourceRefs, cohort_salt, salted_hash
 from dlseg.predict import main
 from dlseg.synthetic.pacs import generate_pacs
 
@@ -85,6 +85,18 @@ def test_redact_names_files_and_folders_by_place(tmp_path):
                                                             ("1.2.3", "1.2.4")]
     assert refs.slices(["a", "b"], None) == ["slice-0", "slice-1"]
     assert SourceRefs("other").slices(["a"], ["1.2.3"]) != refs.slices(["a"], ["1.2.3"])
+
+
+def test_salt_of_an_output_folder_first_writer_wins(tmp_path, monkeypatch):
+    """Array tasks starting together on one --out agree on one salt: a task that loses the race reads the winner's."""
+    def racing_link(src, dst):
+        Path(dst).write_text(json.dumps({"salt": "theirs"}))
+        raise FileExistsError(dst)
+
+    monkeypatch.setattr(os, "link", racing_link)
+    assert cohort_salt(tmp_path, None) == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == [SALT_FILE]          # no temporary left
+    assert cohort_salt(tmp_path, "theirs") == "theirs"
 
 
 def test_record_sources_brings_paths_back(export, tmp_path, capsys):
