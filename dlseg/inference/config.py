@@ -11,6 +11,7 @@ from typing import Any
 from dlseg.config import option
 from dlseg.errors import ConfigError
 from dlseg.sources.masks import GRAY_VALUES
+from dlseg.sources.series_select import MIN_SLICES
 
 FORMATS = ("png", "npz", "nifti")
 INPUT_KINDS = ("auto", "chaos", "dicom", "store", "nifti")
@@ -47,6 +48,16 @@ class PredictConfig:
     mixed_precision: str = option("autocast dtype", "no", choices=PRECISIONS)
     shard: str | None = option("I/N: predict only cases[I::N] of the cohort (job array task I of N, 0 ≤ I < N); "
                                "tasks share --out and each writes summary-shard-I-of-N.csv/json", None)
+    series_description: str | None = option("DICOM trees: predict the series whose SeriesDescription matches this "
+                                            "regular expression (case-insensitive), instead of the rules", None)
+    series_uids: str | None = option("DICOM trees: a file of SeriesInstanceUIDs (one a line) to predict, instead "
+                                     "of the rules (with --series-description: either chooses)", None)
+    min_slices: int = option("DICOM trees: series with fewer slices are skipped as localizers", MIN_SLICES)
+    dry_run: bool = option("print the series selection and write OUT/selection.csv; predict nothing", False)
+    record_sources: bool = option("sources.json and failure reasons name source files by path (a folder name can "
+                                  "be a patient name); default: salted SOPInstanceUID hashes or indices", False)
+    id_salt: str | None = option("salt of the ids of DICOM-tree series (default: a random one, recorded in "
+                                 "OUT/id-salt.json and reused when resuming)", None)
 
     def __post_init__(self) -> None:
         self.formats = tuple(f.strip() for f in self.formats if f.strip())   # "png, npz" as "png,npz"
@@ -85,6 +96,13 @@ class PredictConfig:
             raise ConfigError(f"--threshold {self.threshold}: expected a probability strictly between 0 and 1")
         if not 1 <= self.label_value <= 255:
             raise ConfigError(f"--label-value {self.label_value}: expected 1..255")
+        if self.min_slices < 1:
+            raise ConfigError(f"--min-slices {self.min_slices}: expected ≥ 1")
+        try:
+            re.compile(self.series_description or "")
+        except re.error as e:
+            raise ConfigError(f"--series-description {self.series_description!r}: not a regular expression ({e})") \
+                from None
         if self.mixed_precision not in PRECISIONS:
             raise ConfigError(f"--mixed-precision {self.mixed_precision!r}: expected no, fp16 or bf16")
         self.shard_part()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,14 +13,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dlseg.errors import CaseError, ConfigError, StoreError, UsageError, one_line
+from dlseg.inference.privacy import SourceRefs
 from dlseg.inference.records import stat_fingerprint
+from dlseg.inference.selection import SeriesChoice, select_series
 from dlseg.normalize import NormConfig, intensity_stats, prepare_volume
 from dlseg.sources.dicom import Volume, find_series, read_series
 from dlseg.sources.layout import MODALITIES, discover, source_sets
 from dlseg.sources.nifti import header_slices, input_images, is_dataset, is_nifti_input, slice_sources
 from dlseg.sources.nifti_volume import read_volume
 from dlseg.sources.masks import read_masks
-from dlseg.store import Store, sanitize_case_id
+from dlseg.store import Store
 from dlseg.workers import one_core
 
 
@@ -47,6 +48,8 @@ class Cohort:
     kind: str
     cases: list[CaseSpec]
     failures: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)      # series not for this model (with reasons)
+    selection: list[dict[str, Any]] = field(default_factory=list)    # generic DICOM: the selection table
 
 
 def detect_kind(path: Path) -> str:
@@ -84,27 +87,19 @@ def chaos_cohort(root: Path, meta: dict[str, Any]) -> Cohort:
     return Cohort("chaos", specs, fails)
 
 
-def series_case_id(modality: str, uid: str) -> str:
-    """Identifier-free case id of a generic series: modality + a short hash of its SeriesInstanceUID."""
-    digest = hashlib.sha256(uid.encode()).hexdigest()[:12]
-    return sanitize_case_id(f"{modality or 'XX'}-series-{digest}")
-
-
-def dicom_cohort(root: Path, meta: dict[str, Any]) -> Cohort:
-    """Every image series under ``root`` (grouped by SeriesInstanceUID, ordered along the slice normal)."""
-    specs, fails = [], []
-    want = str(meta["modality"]).upper()
-    for s in find_series(root):
-        cid = series_case_id(s.modality, s.uid)
-        if s.modality.upper() != want:
-            fails.append({"case_id": cid, "reason": f"series is {s.modality or 'of unknown modality'}, "
-                                                    f"the model expects {want}"})
+def dicom_cohort(root: Path, meta: dict[str, Any], choice: SeriesChoice, salt: str) -> Cohort:
+    """The series under ``root`` that the selection rules (or the override flags) choose for this model."""
+    specs, skipped = [], []
+    decisions = select_series(find_series(root), meta, choice, salt)
+    for d in decisions:
+        if not d.predict:
+            skipped.append({"case_id": d.case_id, "reason": d.reason})
             continue
-        files = tuple(str(p) for p in s.files)
-        specs.append(CaseSpec(case_id=cid, kind="dicom", root=str(root), files=files, modality=s.modality,
-                              labels=meta["labels"], slices=len(files),
-                              fingerprint=stat_fingerprint(s.files, root)))
-    return Cohort("dicom", specs, fails)
+        files = tuple(str(p) for p in d.volume.files)
+        specs.append(CaseSpec(case_id=d.case_id, kind="dicom", root=str(root), files=files,
+                              modality=d.volume.first["modality"], labels=meta["labels"], slices=len(files),
+                              fingerprint=stat_fingerprint(d.volume.files, root)))
+    return Cohort("dicom", specs, [], skipped, [d.row() for d in decisions])
 
 
 def store_cohort(root: Path, meta: dict[str, Any], split: str | None) -> Cohort:
@@ -133,7 +128,8 @@ def nifti_cohort(path: Path, meta: dict[str, Any]) -> Cohort:
     return Cohort("nifti", specs, [{"case_id": cid, "reason": reason} for cid, reason in failed])
 
 
-def find_cohort(input: str, input_kind: str, split: str | None, meta: dict[str, Any]) -> Cohort:
+def find_cohort(input: str, input_kind: str, split: str | None, meta: dict[str, Any],
+                choice: SeriesChoice = SeriesChoice(), salt: str = "") -> Cohort:
     """The cases of ``input`` for this model (raises ConfigError / UsageError / StoreError when unusable)."""
     root = Path(input)
     if not root.exists():
@@ -148,8 +144,8 @@ def find_cohort(input: str, input_kind: str, split: str | None, meta: dict[str, 
     elif kind == "nifti":
         cohort = nifti_cohort(root, meta)
     else:
-        cohort = dicom_cohort(root, meta)
-    if not cohort.cases and not cohort.failures:
+        cohort = dicom_cohort(root, meta, choice, salt)
+    if not cohort.cases and not cohort.failures and not cohort.skipped:
         raise ConfigError(f"--input {input}: no {meta['modality']} cases found ({kind} input)")
     return cohort
 
@@ -164,8 +160,9 @@ def failure_reason(e: BaseException) -> str:
 class CaseDataset(Dataset):
     """Map-style dataset of cases: item i is case i read, decoded and normalized (or its failure reason)."""
 
-    def __init__(self, specs: list[CaseSpec], predictor_meta: dict[str, Any], want_image: bool):
-        self.specs = specs
+    def __init__(self, specs: list[CaseSpec], predictor_meta: dict[str, Any], want_image: bool,
+                 refs: SourceRefs = SourceRefs()):
+        self.specs, self.refs = specs, refs
         self.modality = str(predictor_meta["modality"]).upper()
         self.size = int(predictor_meta["train_size"])
         self.norm = NormConfig.from_dict(predictor_meta["normalization"])
@@ -181,7 +178,7 @@ class CaseDataset(Dataset):
         try:
             item = self._load(spec)
         except Exception as e:  # one unreadable case fails alone; its reason goes to the summary
-            return {"ok": False, "spec": spec, "reason": failure_reason(e)}
+            return {"ok": False, "spec": spec, "reason": self.refs.redact(failure_reason(e), spec.root, spec.files)}
         item["load_s"] = time.perf_counter() - t0
         return item
 
@@ -198,10 +195,9 @@ class CaseDataset(Dataset):
         image, truth = store.read_case(spec.case_id, mask=self.want_image)
         geometry = {"spacing": attrs["spacing"], "origin": attrs["origin"], "direction": attrs["direction"],
                     "nifti": attrs.get("nifti")}
-        sources = list(attrs["source_files"])
-        if geometry["nifti"]:   # one source file: name its slices
-            sources = slice_sources(sources[0], len(image))
-        return image, truth, attrs["stats"], geometry, sources
+        if geometry["nifti"]:   # one source file, named like the case id: name its slices
+            return image, truth, attrs["stats"], geometry, slice_sources(attrs["source_files"][0], len(image))
+        return image, truth, attrs["stats"], geometry, self.refs.slices(list(attrs["source_files"]), None)
 
     def _read_dicom(self, spec: CaseSpec) -> tuple[np.ndarray, np.ndarray | None, dict, dict, list[str]]:
         """Image, truth (for overlays), stats, geometry and sources of a DICOM series."""
@@ -209,7 +205,8 @@ class CaseDataset(Dataset):
         stats = intensity_stats(volume.image, self.modality)
         geometry = {"spacing": list(volume.spacing), "origin": list(volume.origin),
                     "direction": list(volume.direction)}
-        sources = [Path(os.path.relpath(p, spec.root)).as_posix() for p in volume.files]
+        paths = [Path(os.path.relpath(p, spec.root)).as_posix() for p in volume.files]
+        sources = self.refs.slices(paths, volume.sop_uids)
         truth = self._truth(spec, volume) if self.want_image else None
         return volume.image, truth, stats, geometry, sources
 
@@ -254,9 +251,9 @@ def _identity(item: Any) -> Any:
 
 
 def case_loader(specs: list[CaseSpec], meta: dict[str, Any], want_image: bool, workers: int, prefetch: int,
-                pin_memory: bool) -> DataLoader:
+                pin_memory: bool, refs: SourceRefs = SourceRefs()) -> DataLoader:
     """One case per item; ``workers`` processes prepare ``prefetch`` cases ahead each."""
-    return DataLoader(CaseDataset(specs, meta, want_image), batch_size=None, shuffle=False, num_workers=workers,
+    return DataLoader(CaseDataset(specs, meta, want_image, refs), batch_size=None, shuffle=False, num_workers=workers,
                       collate_fn=_identity, pin_memory=pin_memory,
                       prefetch_factor=prefetch if workers > 0 else None,
                       worker_init_fn=one_core if workers > 0 else None,

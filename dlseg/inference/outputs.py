@@ -1,7 +1,7 @@
 """The prediction folder format, written and read here only.
 
     OUT/<case>/slice_NNNN.png       CHAOS submission PNGs (names sort in slice order; gray values below)
-    OUT/<case>/sources.json         PNG name → source file (relative to the input)
+    OUT/<case>/sources.json         PNG name → source slice (salted SOPInstanceUID hash; path with --record-sources)
     OUT/<case>/prediction.npz       key ``mask``: (Z, H, W) uint8 class labels (liver = 1)
     OUT/<case>/prediction.nii.gz    labels as (x, y, z) uint8, RAS affine from the DICOM geometry; for a NIfTI
                                     source its voxel order and exact header geometry
@@ -10,6 +10,7 @@
     OUT/.failed/<case>.json         the reason a case failed
     OUT/.tmp-<case>-<12 hex>        a case being written (renamed into place when complete)
     OUT/summary[-shard-I-of-N].csv/json
+    OUT/selection.csv, OUT/id-salt.json   series selection and id salt (owned by selection.py and privacy.py)
 """
 
 from __future__ import annotations

@@ -119,6 +119,11 @@ def failed_row(case_id: str, reason: str) -> dict[str, Any]:
     return {**{k: None for k in SUMMARY_FIELDS}, "case_id": case_id, "status": "failed", "reason": reason}
 
 
+def skipped_row(case_id: str, reason: str) -> dict[str, Any]:
+    """A summary row of a series the selection left out (not a failure)."""
+    return {**failed_row(case_id, reason), "status": "skipped"}
+
+
 def collect_rows(out: Path, fingerprints: dict[str, str], reused: set[str], early_failures: list[dict[str, str]],
                  ident: RunIdentity) -> list[dict[str, Any]]:
     """One row per case of this run (case id → input fingerprint), from the records and failure notes on disk."""

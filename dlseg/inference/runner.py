@@ -34,8 +34,10 @@ from dlseg.console import console, make_progress
 from dlseg.distributed import check_launch
 from dlseg.errors import CaseError, ConfigError, StoreError, UsageError
 from dlseg.inference import outputs, records
+from dlseg.inference.cohort_select import dry_run, selected_cohort
 from dlseg.inference.config import PredictConfig, Shard
-from dlseg.inference.inputs import CaseSpec, case_loader, failure_reason, find_cohort
+from dlseg.inference.inputs import CaseSpec, case_loader, failure_reason
+from dlseg.inference.privacy import SourceRefs
 from dlseg.inference.predictor import Predictor, context_inputs
 from dlseg.inference.records import RunIdentity
 
@@ -74,8 +76,9 @@ class LoopStats:
 class CohortRunner:
     """Runs one process's share of a cohort: loader → packed batches → background writers."""
 
-    def __init__(self, predictor: Predictor, cfg: PredictConfig, out: Path, ident: RunIdentity):
-        self.predictor, self.cfg, self.out, self.ident = predictor, cfg, out, ident
+    def __init__(self, predictor: Predictor, cfg: PredictConfig, out: Path, ident: RunIdentity,
+                 refs: SourceRefs = SourceRefs()):
+        self.predictor, self.cfg, self.out, self.ident, self.refs = predictor, cfg, out, ident, refs
         self.stats = LoopStats()
         self.failures: list[dict[str, Any]] = []
         self.records: list[dict[str, Any]] = []
@@ -107,7 +110,7 @@ class CohortRunner:
         pending: set[Future] = set()
         gate = threading.BoundedSemaphore(cfg.max_pending_writes)
         it = iter(case_loader(specs, self.predictor.meta, cfg.overlays, cfg.workers, cfg.prefetch,
-                              pin_memory=self.predictor.device.type == "cuda"))
+                              pin_memory=self.predictor.device.type == "cuda", refs=self.refs))
         exhausted = False
         t_start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=cfg.write_threads, thread_name_prefix="dlseg-write") as pool:
@@ -197,18 +200,18 @@ def make_plan(cfg: PredictConfig, meta: dict[str, Any], out: Path, ident: RunIde
     """Main process: find the cohort (this shard's part), clean its stale temporaries, split into done and to-do."""
     try:
         shard = cfg.shard_part()
-        cohort = find_cohort(cfg.input, cfg.input_kind, cfg.split, meta)
-        out.mkdir(parents=True, exist_ok=True)
+        cohort, salt = selected_cohort(cfg, meta, out)
     except (ConfigError, UsageError, StoreError, CaseError, OSError) as e:
         return {"error": str(e)}
     cases = cohort.cases if shard is None else shard.select(cohort.cases)
     early = cohort.failures if shard is None else shard.select(cohort.failures)
+    skipped = cohort.skipped if shard is None else shard.select(cohort.skipped)
     records.clean_stale(out, [s.case_id for s in cases])
     done = {s.case_id: records.is_done(out, s, ident) for s in cases}
     return {"kind": cohort.kind, "todo": [s for s in cases if done[s.case_id] is None],
             "all": {s.case_id: s.fingerprint for s in cases},
-            "reused": [c for c, r in done.items() if r is not None], "early": early,
-            "cohort_total": len(cohort.cases) + len(cohort.failures)}
+            "reused": [c for c, r in done.items() if r is not None], "early": early, "skipped": skipped,
+            "salt": salt, "cohort_total": len(cohort.cases) + len(cohort.failures) + len(cohort.skipped)}
 
 
 def process_state() -> PartialState:
@@ -221,7 +224,7 @@ def process_state() -> PartialState:
 def run_identity(cfg: PredictConfig, predictor: Predictor, state: PartialState) -> RunIdentity:
     """The fingerprints and settings every record of this run carries."""
     settings = {**predictor.settings(), "label_value": cfg.label_value, "formats": sorted(cfg.formats),
-                "overlays": cfg.overlays}
+                "overlays": cfg.overlays, "record_sources": cfg.record_sources}
     return RunIdentity(records.model_fingerprint(cfg.model), settings, records.settings_fingerprint(settings),
                        state.num_processes, state.process_index)
 
@@ -241,8 +244,9 @@ def announce(plan: dict[str, Any], shard: Shard | None, state: PartialState) -> 
     """What this run will do: cases, reused, unusable, processes, device."""
     part = "" if shard is None else f"shard {shard.index}/{shard.count}: "
     console.print(f"predict: {part}{len(plan['all'])} of {plan['cohort_total']} {plan['kind']} cases "
-                  f"({len(plan['reused'])} already done, {len(plan['early'])} unusable) on "
-                  f"{state.num_processes} process(es), device {state.device}", highlight=False)
+                  f"({len(plan['reused'])} already done, {len(plan['early'])} unusable, "
+                  f"{len(plan['skipped'])} skipped) on {state.num_processes} process(es), device {state.device}",
+                  highlight=False)
     if shard is not None and len(plan["all"]) + len(plan["early"]) == 0:
         console.print(f"[yellow]note:[/] shard {shard.index}/{shard.count} has no cases (the cohort has "
                       f"{plan['cohort_total']}, fewer than the {shard.count} shards): nothing to predict",
@@ -255,6 +259,8 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
     Raises a UserError (exit status 2) for unusable arguments, input or model; returns None on other processes.
     """
     cfg.check()
+    if cfg.dry_run:
+        return dry_run(cfg)
     state = process_state()
     cfg = cfg.for_device(state.device)
     predictor = Predictor.load(cfg.model, device=state.device, tta=cfg.tta, threshold=cfg.threshold,
@@ -267,13 +273,15 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
     with make_progress("slices") as progress:
         task = progress.add_task(f"predict (rank {state.process_index}/{state.num_processes})",
                                  total=sum(s.slices for s in mine), info="")
-        stats = CohortRunner(predictor, cfg, out, ident).run(mine, progress, task)
+        refs = SourceRefs(plan["salt"], cfg.record_sources)
+        stats = CohortRunner(predictor, cfg, out, ident, refs).run(mine, progress, task)
 
     all_stats = gather_object([asdict(stats)]) if state.num_processes > 1 else [asdict(stats)]
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     rows = records.collect_rows(out, plan["all"], set(plan["reused"]), plan["early"], ident)
+    rows += [records.skipped_row(s["case_id"], s["reason"]) for s in plan["skipped"]]
     totals = cohort_totals(rows, all_stats, ident, plan, shard, state.num_processes)
     path = records.write_summary(out, rows, totals, shard)
     report(totals, rows, cfg, path)
@@ -292,6 +300,7 @@ def cohort_totals(rows: list[dict[str, Any]], all_stats: list[dict[str, Any]], i
     return {
         "cases_total": len(rows), "predicted": sum(r["status"] == "predicted" for r in rows),
         "reused": sum(r["status"] == "reused" for r in rows), "failed": sum(r["status"] == "failed" for r in rows),
+        "skipped": sum(r["status"] == "skipped" for r in rows),
         "world_size": world_size, "slices_predicted": slices,
         "images_per_s": round(slices / loop_s, 2) if loop_s > 0 else None,
         "data_wait_fraction": round(sum(s["wait_s"] for s in all_stats) / loop_total, 4),
@@ -306,7 +315,8 @@ def cohort_totals(rows: list[dict[str, Any]], all_stats: list[dict[str, Any]], i
 def report(totals: dict[str, Any], rows: list[dict[str, Any]], cfg: PredictConfig, summary: Path) -> None:
     """Final lines: counts, throughput, data-wait fraction (with a hint when high), failures."""
     console.print(
-        f"predicted {totals['predicted']}, reused {totals['reused']}, failed {totals['failed']} of "
+        f"predicted {totals['predicted']}, reused {totals['reused']}, failed {totals['failed']}, "
+        f"skipped {totals['skipped']} of "
         f"{totals['cases_total']} cases on {totals['world_size']} process(es); "
         f"{totals['slices_predicted']} slices at {totals['images_per_s'] or 0:.1f} images/s; "
         f"waiting for data {100 * totals['data_wait_fraction']:.1f}% of the time after a "

@@ -19,6 +19,7 @@ from pydicom.pixels import get_decoder
 
 from dlseg.errors import CaseError, one_line
 from dlseg.sources.files import natural_key, natural_sorted
+from dlseg.sources.series_select import header_fields
 
 JPEG_EXTRA = 'pip install "dlseg[jpeg]"'
 # Objects that may carry Rows/Columns or even pixel data but are not slices of an image series.
@@ -27,6 +28,9 @@ NON_IMAGE_MODALITIES = frozenset({"SR", "PR", "KO", "DOC", "RTPLAN", "RTSTRUCT",
 HEADER_TAGS = [
     "SOPClassUID", "Modality", "Rows", "Columns", "SeriesInstanceUID", "SeriesNumber", "ImagePositionPatient",
     "ImageOrientationPatient", "InstanceNumber", "PixelSpacing", "SliceThickness", "SpacingBetweenSlices",
+    # series selection (series_select.header_fields)
+    "ImageType", "SeriesDescription", "StudyInstanceUID", "MagneticFieldStrength", "ImagingFrequency", "EchoTime",
+    "EchoNumbers", "RepetitionTime", "ScanningSequence", "SequenceName", "DiffusionBValue", "NumberOfFrames",
 ]
 INT16_MIN, INT16_MAX = -32768, 32767
 
@@ -44,17 +48,19 @@ class Volume:
     files: list[Path]                       # the files that became slices, in order
     skipped: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    sop_uids: list[str] = field(default_factory=list)   # SOPInstanceUID of each slice (hashed, never printed)
 
 
 @dataclass
 class SeriesFiles:
     """One series of a generic DICOM tree: its image files ordered along the slice normal."""
 
-    name: str                               # readable, identifier-free name (folder + series number)
+    name: str                               # folder + series number (a folder can be a patient name: do not print)
     uid: str                                # SeriesInstanceUID (for grouping only; do not print)
     modality: str
     files: list[Path]
     notes: list[str] = field(default_factory=list)
+    headers: list[dict] = field(default_factory=list)   # series_select.header_fields of each file, in order
 
 
 def read_dataset(path: Path, header_only: bool = False) -> pydicom.Dataset:
@@ -226,6 +232,7 @@ def read_series(files: list[str | os.PathLike]) -> Volume:
     rescale: list[tuple[float, float]] = []
     metas: list[dict] = []
     kept: list[Path] = []
+    uids: list[str] = []
     skipped: list[Path] = []
     for path in files:
         ds = read_dataset(path)
@@ -246,6 +253,7 @@ def read_series(files: list[str | os.PathLike]) -> Volume:
         rescale.append(rescale_of(ds))
         metas.append(meta)
         kept.append(path)
+        uids.append(str(ds.get("SOPInstanceUID", "") or ""))
         del ds
     if not kept:
         raise CaseError(files[0].parent, f"no image slices among {len(files)} DICOM files")
@@ -253,7 +261,7 @@ def read_series(files: list[str | os.PathLike]) -> Volume:
     if skipped:
         notes.insert(0, f"skipped {len(skipped)} non-image DICOM file(s): {', '.join(p.name for p in skipped)}")
     image = apply_rescale(raw, rescale)
-    return Volume(image, spacing, origin, direction, positions, metas[0]["modality"], kept, skipped, notes)
+    return Volume(image, spacing, origin, direction, positions, metas[0]["modality"], kept, skipped, notes, uids)
 
 
 def find_series(root: str | os.PathLike) -> list[SeriesFiles]:
@@ -298,4 +306,5 @@ def order_series(uid: str, members: list[tuple[Path, pydicom.Dataset]], root: Pa
     number = first.get("SeriesNumber")
     parts = [p for p in (folder.replace("/", "_"), f"S{number}" if number not in (None, "") else "") if p]
     name = "-".join(parts) or "series"
-    return SeriesFiles(name, uid, str(first.get("Modality", "")), [p for p, _ in ordered], notes)
+    return SeriesFiles(name, uid, str(first.get("Modality", "")), [p for p, _ in ordered], notes,
+                       [header_fields(ds) for _, ds in ordered])
