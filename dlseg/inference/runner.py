@@ -33,6 +33,7 @@ from accelerate.utils import broadcast_object_list, gather_object, parse_flag_fr
 from dlseg.console import console, make_progress
 from dlseg.distributed import check_launch
 from dlseg.errors import CaseError, ConfigError, StoreError, UsageError
+from dlseg.export import load_exported
 from dlseg.inference import outputs, records
 from dlseg.inference.config import PredictConfig, Shard
 from dlseg.inference.inputs import CaseSpec, case_loader, failure_reason, find_cohort
@@ -218,11 +219,11 @@ def process_state() -> PartialState:
     return state
 
 
-def run_identity(cfg: PredictConfig, predictor: Predictor, state: PartialState) -> RunIdentity:
+def run_identity(cfg: PredictConfig, predictor: Predictor, state: PartialState, model_fp: str) -> RunIdentity:
     """The fingerprints and settings every record of this run carries."""
     settings = {**predictor.settings(), "label_value": cfg.label_value, "formats": sorted(cfg.formats),
                 "overlays": cfg.overlays}
-    return RunIdentity(records.model_fingerprint(cfg.model), settings, records.settings_fingerprint(settings),
+    return RunIdentity(model_fp, settings, records.settings_fingerprint(settings),
                        state.num_processes, state.process_index)
 
 
@@ -257,10 +258,11 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
     cfg.check()
     state = process_state()
     cfg = cfg.for_device(state.device)
-    predictor = Predictor.load(cfg.model, device=state.device, tta=cfg.tta, threshold=cfg.threshold,
-                               keep_largest=cfg.keep_largest, mixed_precision=cfg.mixed_precision)
+    model, exported = load_exported(cfg.model)      # the fingerprint is of exactly the bytes loaded
+    predictor = Predictor(model, exported.meta, device=state.device, tta=cfg.tta, threshold=cfg.threshold,
+                          keep_largest=cfg.keep_largest, mixed_precision=cfg.mixed_precision)
     out, shard = Path(cfg.out), cfg.shard_part()
-    ident = run_identity(cfg, predictor, state)
+    ident = run_identity(cfg, predictor, state, exported.fingerprint)
     plan = shared_plan(cfg, predictor, out, ident, state)
     mine = plan["todo"][state.process_index::state.num_processes]
     announce(plan, shard, state)
