@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections import deque
+from datetime import timedelta
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,13 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
+from accelerate.utils import parse_flag_from_env
 
 from dlseg.console import console, make_progress
 from dlseg.distributed import check_launch
 from dlseg.errors import CaseError, ConfigError, StoreError, UsageError
 from dlseg.export import load_exported
-from dlseg.inference import outputs, records
+from dlseg.inference import outputs, planning, records
 from dlseg.inference.config import PredictConfig, Shard
 from dlseg.inference.inputs import CaseSpec, case_loader, failure_reason, find_cohort
 from dlseg.inference.predictor import Predictor, context_inputs
@@ -212,9 +213,9 @@ def make_plan(cfg: PredictConfig, meta: dict[str, Any], out: Path, ident: RunIde
             "cohort_total": len(cohort.cases) + len(cohort.failures)}
 
 
-def process_state() -> PartialState:
+def process_state(timeout_s: float) -> PartialState:
     """Accelerate's process state (MULTI_CPU when ``ACCELERATE_USE_CPU=true``); refuses a silently split launch."""
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=timeout_s))
     check_launch(state, f"; refusing to predict every case {os.environ.get('WORLD_SIZE')} times")
     return state
 
@@ -225,17 +226,6 @@ def run_identity(cfg: PredictConfig, predictor: Predictor, state: PartialState, 
                 "overlays": cfg.overlays}
     return RunIdentity(model_fp, settings, records.settings_fingerprint(settings),
                        state.num_processes, state.process_index)
-
-
-def shared_plan(cfg: PredictConfig, predictor: Predictor, out: Path, ident: RunIdentity,
-                state: PartialState) -> dict[str, Any]:
-    """The main process's plan on every rank; every rank stops with the main process's one-line reason."""
-    plan: list[Any] = [make_plan(cfg, predictor.meta, out, ident) if state.is_main_process else None]
-    if state.num_processes > 1:
-        broadcast_object_list(plan, from_process=0)
-    if "error" in plan[0]:
-        raise ConfigError(plan[0]["error"])
-    return plan[0]
 
 
 def announce(plan: dict[str, Any], shard: Shard | None, state: PartialState) -> None:
@@ -256,24 +246,24 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
     Raises a UserError (exit status 2) for unusable arguments, input or model; returns None on other processes.
     """
     cfg.check()
-    state = process_state()
+    state = process_state(cfg.dist_timeout_s)
     cfg = cfg.for_device(state.device)
     model, exported = load_exported(cfg.model)      # the fingerprint is of exactly the bytes loaded
     predictor = Predictor(model, exported.meta, device=state.device, tta=cfg.tta, threshold=cfg.threshold,
                           keep_largest=cfg.keep_largest, mixed_precision=cfg.mixed_precision)
     out, shard = Path(cfg.out), cfg.shard_part()
     ident = run_identity(cfg, predictor, state, exported.fingerprint)
-    plan = shared_plan(cfg, predictor, out, ident, state)
-    mine = plan["todo"][state.process_index::state.num_processes]
+    exchange = planning.Exchange.open(out, state, cfg.dist_timeout_s)   # no collective waits on the planning
+    plan = exchange.plan(lambda: make_plan(cfg, predictor.meta, out, ident))
+    mine = planning.my_cases(plan["todo"], state.process_index, state.num_processes)
     announce(plan, shard, state)
     with make_progress("slices") as progress:
         task = progress.add_task(f"predict (rank {state.process_index}/{state.num_processes})",
                                  total=sum(s.slices for s in mine), info="")
         stats = CohortRunner(predictor, cfg, out, ident).run(mine, progress, task)
 
-    all_stats = gather_object([asdict(stats)]) if state.num_processes > 1 else [asdict(stats)]
-    state.wait_for_everyone()
-    if not state.is_main_process:
+    all_stats = exchange.results(asdict(stats))
+    if all_stats is None:
         return None
     rows = records.collect_rows(out, plan["all"], set(plan["reused"]), plan["early"], ident)
     totals = cohort_totals(rows, all_stats, ident, plan, shard, state.num_processes)
