@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from dlseg.inference import outputs
 from dlseg.inference.config import DIST_TIMEOUT_S, PredictConfig
 from dlseg.inference.inputs import CaseSpec
-from dlseg.inference.planning import PLAN_DELAY_ENV, balance, my_cases, plan_from_json, plan_to_json
+from dlseg.inference.planning import PLAN_DELAY_ENV, Exchange, Heartbeat, balance, my_cases, plan_from_json, plan_to_json
 from dlseg.sources.layout import discover
 from dlseg.train_config import TrainConfig
 from test_predict import free_port, make_model
@@ -76,3 +77,19 @@ def test_slow_planning_past_the_collective_timeout_completes_on_two_ranks(synthe
     slices = [sum(r["slices"] for r in records.values() if r["rank"] == k) for k in (0, 1)]
     assert abs(slices[0] - slices[1]) <= max(r["slices"] for r in records.values())   # balanced by slices
     assert sorted(p.name for p in out.iterdir()) == sorted(cases + ["summary.csv", "summary.json"])
+
+
+def test_a_beating_rank_is_waited_for_past_the_timeout_a_silent_one_is_not(tmp_path):
+    ex = Exchange(tmp_path, "t", rank=0, world=2, timeout_s=0.5)
+    ex.dir.mkdir()
+    assert ex.wait_for("rank-1", 1) is None                     # rank 1 never beat: given up
+    beat = Heartbeat(ex.dir / "beat-1.json", 0.1)
+    beat.start()
+    late = threading.Timer(1.5, lambda: ex.publish("rank-1", {"slices": 7}))   # 3 timeouts later
+    late.start()
+    try:
+        assert ex.wait_for("rank-1", 1) == {"slices": 7}
+    finally:
+        late.cancel()
+        beat.stopped.set()
+        beat.join()
