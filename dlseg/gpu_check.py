@@ -108,8 +108,8 @@ class Checker:
         self.out = Path(cfg.out)
         self.work = self.out / "work"
         self.env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "2"}
-        if cfg.device == "cpu":
-            self.env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
+        if cfg.device == "cpu":     # one thread each: two runs train side by side
+            self.env.update(CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
         self.store: Path | None = Path(cfg.data) if cfg.data else None
         self.fp32_model: Path | None = Path(cfg.model) if cfg.model else None
 
@@ -122,26 +122,39 @@ class Checker:
                                          slices_range=(8, 10) if self.cfg.quick else (24, 32))
         return self.store
 
-    def train(self, run: Path, precision: str, epochs: int, *extra: str, launcher: tuple[str, ...] = ()) -> str:
-        """One training run in a fresh process; returns its output (raises RuntimeError on a non-zero exit)."""
+    def start(self, run: Path, precision: str, epochs: int, *extra: str,
+              launcher: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path]:
+        """Start one training run in a fresh process, its output appended to ``<run>.log``."""
         s = self.sizes
         cmd = [*(launcher or (sys.executable,)), "-m", "dlseg.train", "--data", str(self.data()), "--out", str(run),
                "--epochs", str(epochs), "--mixed-precision", precision, "--model.base-width", str(s.width),
                "--model.depth", str(s.depth), "--model.channels-last", "true", "--loader.size", str(s.size),
                "--loader.batch-size", str(s.batch), "--loader.val-batch-size", str(2 * s.batch),
                "--loader.workers", "0", "--augment-on", "device", "--checkpoint-every-steps", "0", *extra]
-        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=600)
-        (run.parent / f"{run.name}.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise RuntimeError(f"training exited {proc.returncode}: {tail[0]}")
-        return proc.stdout
+        run.parent.mkdir(parents=True, exist_ok=True)
+        log = run.parent / f"{run.name}.log"
+        with open(log, "a") as f:
+            return subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT), log
+
+    @staticmethod
+    def finish(proc: subprocess.Popen, log: Path) -> None:
+        """Wait for a training run; RuntimeError with its last line and log on a non-zero exit."""
+        code = proc.wait(timeout=600)
+        if code != 0:
+            last = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"training exited {code}: {last} (log: {log})")
+
+    def train(self, run: Path, precision: str, epochs: int, *extra: str, launcher: tuple[str, ...] = ()) -> None:
+        """One training run, waited for."""
+        self.finish(*self.start(run, precision, epochs, *extra, launcher=launcher))
 
     def check_train(self, precision: str) -> Result:
         """Train, and resume: 2 epochs vs 1 + resume to 2; final weights within RESUME_TOL; losses finite."""
         base = self.work / f"train-{precision}"
-        self.train(base / "full", precision, 2)
-        self.train(base / "resumed", precision, 1)
+        self.data()
+        started = [self.start(base / "full", precision, 2), self.start(base / "resumed", precision, 1)]
+        for proc, log in started:                        # the two independent runs share the machine
+            self.finish(proc, log)
         self.train(base / "resumed", precision, 2, "--resume", "auto")
         rows = [json.loads(line) for line in (base / "full" / "metrics.jsonl").read_text().splitlines() if line]
         losses = [r["train_loss"] for r in rows]
