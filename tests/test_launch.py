@@ -279,7 +279,7 @@ def test_predict_array_writes_every_case(slurm, single_run, synthetic_root, tmp_
 
 
 def test_scripts_parse_and_pass_shellcheck():
-    scripts = [*sorted((REPO / "launch").glob("*.sbatch")), REPO / "launch" / "common.sh", HARNESS]
+    scripts = [*sorted((REPO / "launch").glob("*.sbatch")), *sorted((REPO / "launch").glob("*.sh")), HARNESS]
     for script in scripts:
         r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, f"{script}: {r.stderr}"
@@ -288,3 +288,15 @@ def test_scripts_parse_and_pass_shellcheck():
     r = subprocess.run(["shellcheck", "-x", "--severity=warning", *map(str, scripts)], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout
+
+
+def test_gpu_check_refuses_without_cuda_in_one_line(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = str(REPO / "launch" / "gpu_check.sh")
+    r = subprocess.run(["bash", script, str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr.splitlines()) == (
+        2, "", ["gpu_check.sh: no CUDA device visible to torch; run it on a GPU machine"])
+    assert not (tmp_path / "out").exists()
+    for args in ([], [str(tmp_path / "a"), str(tmp_path / "b")]):
+        r = subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True, timeout=30)
+        assert (r.returncode, r.stderr.strip()) == (2, "usage: launch/gpu_check.sh OUT_DIR")

@@ -19,6 +19,7 @@ PRECISIONS = ("no", "fp16", "bf16")     # autocast dtypes (predictor.AMP_DTYPES)
 # A large batch falls out of a CPU's caches, and loader processes there only take cores from the forward pass.
 CPU_BATCH, ACCELERATOR_BATCH = 8, 64
 CPU_WORKERS, ACCELERATOR_WORKERS = 0, 2
+DIST_TIMEOUT_S = 1800                   # as long as training's --dist-timeout-s
 
 
 @dataclass
@@ -46,6 +47,8 @@ class PredictConfig:
     overlays: bool = option("overlays/ PNGs: image | ground truth | prediction", False)
     label_value: int = option("binary models: PNG gray value of the liver", GRAY_VALUES["MR"][1])
     mixed_precision: str = option("autocast dtype", "no", choices=PRECISIONS)
+    dist_timeout_s: int = option("collective timeout (s); a rank silent this long (no heartbeat) is given up",
+                                 DIST_TIMEOUT_S)
     shard: str | None = option("I/N: predict only cases[I::N] of the cohort (job array task I of N, 0 ≤ I < N); "
                                "tasks share --out and each writes summary-shard-I-of-N.csv/json", None)
     series_description: str | None = option("DICOM trees: predict the series whose SeriesDescription matches this "
@@ -92,6 +95,8 @@ class PredictConfig:
             raise ConfigError("--prefetch and --write-threads must be ≥ 1, --batch-size and --workers ≥ 0")
         if self.max_pending_writes < 1:
             raise ConfigError("--max-pending-writes must be ≥ 1")
+        if self.dist_timeout_s < 1:
+            raise ConfigError(f"--dist-timeout-s {self.dist_timeout_s}: expected at least 1 second")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"--threshold {self.threshold}: expected a probability strictly between 0 and 1")
         if not 1 <= self.label_value <= 255:

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
-from dlseg.export import META, WEIGHTS, resolve_model_dir
-from dlseg.fileio import atomic_write, hash_file
+from dlseg.fileio import atomic_write
 from dlseg.inference import outputs
 from dlseg.inference.config import Shard
 
@@ -34,16 +33,6 @@ def stat_fingerprint(paths: Iterable[str | os.PathLike], root: str | os.PathLike
     for p in paths:
         st = os.stat(p)
         h.update(f"{Path(os.path.relpath(p, root)).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def model_fingerprint(path: str | os.PathLike) -> str:
-    """SHA-256 of the exported weights file and its JSON."""
-    d = resolve_model_dir(path)
-    h = hashlib.sha256(b"dlseg-model\n")
-    for name in (WEIGHTS, META):
-        hash_file(h, d / name)
-        h.update(b"\1")
     return h.hexdigest()
 
 

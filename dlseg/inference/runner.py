@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections import deque
+from datetime import timedelta
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,12 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object, parse_flag_from_env
+from accelerate.utils import parse_flag_from_env
 
 from dlseg.console import console, make_progress
 from dlseg.distributed import check_launch
 from dlseg.errors import CaseError, ConfigError, StoreError, UsageError
-from dlseg.inference import outputs, records
+from dlseg.export import load_exported
+from dlseg.inference import outputs, planning, records
 from dlseg.inference.cohort_select import dry_run, selected_cohort
 from dlseg.inference.config import PredictConfig, Shard
 from dlseg.inference.inputs import CaseSpec, case_loader, failure_reason
@@ -214,30 +216,19 @@ def make_plan(cfg: PredictConfig, meta: dict[str, Any], out: Path, ident: RunIde
             "salt": salt, "cohort_total": len(cohort.cases) + len(cohort.failures) + len(cohort.skipped)}
 
 
-def process_state() -> PartialState:
+def process_state(timeout_s: float) -> PartialState:
     """Accelerate's process state (MULTI_CPU when ``ACCELERATE_USE_CPU=true``); refuses a silently split launch."""
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(seconds=timeout_s))
     check_launch(state, f"; refusing to predict every case {os.environ.get('WORLD_SIZE')} times")
     return state
 
 
-def run_identity(cfg: PredictConfig, predictor: Predictor, state: PartialState) -> RunIdentity:
+def run_identity(cfg: PredictConfig, predictor: Predictor, state: PartialState, model_fp: str) -> RunIdentity:
     """The fingerprints and settings every record of this run carries."""
     settings = {**predictor.settings(), "label_value": cfg.label_value, "formats": sorted(cfg.formats),
                 "overlays": cfg.overlays, "record_sources": cfg.record_sources}
-    return RunIdentity(records.model_fingerprint(cfg.model), settings, records.settings_fingerprint(settings),
+    return RunIdentity(model_fp, settings, records.settings_fingerprint(settings),
                        state.num_processes, state.process_index)
-
-
-def shared_plan(cfg: PredictConfig, predictor: Predictor, out: Path, ident: RunIdentity,
-                state: PartialState) -> dict[str, Any]:
-    """The main process's plan on every rank; every rank stops with the main process's one-line reason."""
-    plan: list[Any] = [make_plan(cfg, predictor.meta, out, ident) if state.is_main_process else None]
-    if state.num_processes > 1:
-        broadcast_object_list(plan, from_process=0)
-    if "error" in plan[0]:
-        raise ConfigError(plan[0]["error"])
-    return plan[0]
 
 
 def announce(plan: dict[str, Any], shard: Shard | None, state: PartialState) -> None:
@@ -261,14 +252,16 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
     cfg.check()
     if cfg.dry_run:
         return dry_run(cfg)
-    state = process_state()
+    state = process_state(cfg.dist_timeout_s)
     cfg = cfg.for_device(state.device)
-    predictor = Predictor.load(cfg.model, device=state.device, tta=cfg.tta, threshold=cfg.threshold,
-                               keep_largest=cfg.keep_largest, mixed_precision=cfg.mixed_precision)
+    model, exported = load_exported(cfg.model)      # the fingerprint is of exactly the bytes loaded
+    predictor = Predictor(model, exported.meta, device=state.device, tta=cfg.tta, threshold=cfg.threshold,
+                          keep_largest=cfg.keep_largest, mixed_precision=cfg.mixed_precision)
     out, shard = Path(cfg.out), cfg.shard_part()
-    ident = run_identity(cfg, predictor, state)
-    plan = shared_plan(cfg, predictor, out, ident, state)
-    mine = plan["todo"][state.process_index::state.num_processes]
+    ident = run_identity(cfg, predictor, state, exported.fingerprint)
+    exchange = planning.Exchange.open(out, state, cfg.dist_timeout_s)   # no collective waits on the planning
+    plan = exchange.plan(lambda: make_plan(cfg, predictor.meta, out, ident))
+    mine = planning.my_cases(plan["todo"], state.process_index, state.num_processes)
     announce(plan, shard, state)
     with make_progress("slices") as progress:
         task = progress.add_task(f"predict (rank {state.process_index}/{state.num_processes})",
@@ -276,9 +269,8 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
         refs = SourceRefs(plan["salt"], cfg.record_sources)
         stats = CohortRunner(predictor, cfg, out, ident, refs).run(mine, progress, task)
 
-    all_stats = gather_object([asdict(stats)]) if state.num_processes > 1 else [asdict(stats)]
-    state.wait_for_everyone()
-    if not state.is_main_process:
+    all_stats = exchange.results(asdict(stats))
+    if all_stats is None:
         return None
     rows = records.collect_rows(out, plan["all"], set(plan["reused"]), plan["early"], ident)
     rows += [records.skipped_row(s["case_id"], s["reason"]) for s in plan["skipped"]]

@@ -29,6 +29,7 @@ from dlseg.errors import Failure, UsageError
 from dlseg.sources.layout import MODALITIES, CaseSource
 from dlseg.sources.nifti import discover_cases
 from dlseg.preprocessing.qa import qa_dir_for
+from dlseg.preprocessing.retain import kept_entries, kept_note, reconcile
 from dlseg.preprocessing.split import SplitConfig, build_split, split_patients, split_warnings, validate
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -71,6 +72,7 @@ class RunReport:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)         # failed now, previous version still in the store
     failures: list[Failure] = field(default_factory=list)
     notes: dict[str, list[str]] = field(default_factory=dict)
     root: dict[str, Any] = field(default_factory=dict)
@@ -195,11 +197,12 @@ def run_locked(cfg: PreprocessConfig, show_progress: bool) -> RunReport:
     writer.clean_partial()  # no worker is left; drop the empty staging folder
     failed_ids = {f.case_id for f in report.failures}
     wanted = {s.case_id for s in sources} - failed_ids
-    for cid in writer.case_ids():
-        if cid not in wanted:
-            writer.remove_case(cid)
-            report.removed.append(cid)
+    rec = reconcile(writer.case_ids(), [s.case_id for s in sources], report.failures)
+    for cid in rec.removed:
+        writer.remove_case(cid)
+    report.removed, report.kept, report.failures = rec.removed, rec.kept, rec.failures
     present = {s.case_id: {"subject": s.subject, "labeled": s.labeled} for s in sources if s.case_id in wanted}
+    present.update(kept_entries(rec.kept, rec.failures, dict(writer.root.attrs).get("cases", {})))
     split = build_split(present, sides, cfg.split_config())
     report.root = writer.finalize(split, label_names)
     return report
@@ -213,7 +216,7 @@ def print_report(report: RunReport, cfg: PreprocessConfig) -> None:
     split = report.root.get("split", {})
     console.print(
         f"{escape(cfg.out)}: {len(report.written)} written, {len(report.skipped)} unchanged, "
-        f"{len(report.failures)} failed, {len(report.removed)} removed; "
+        f"{len(report.failures)} failed{kept_note(report.kept)}, {len(report.removed)} removed; "
         f"split {split.get('method')}: {len(split.get('train', []))} train / {len(split.get('val', []))} val / "
         f"{len(split.get('unlabeled', []))} unlabeled cases", highlight=False, soft_wrap=True,
     )
