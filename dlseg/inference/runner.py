@@ -38,6 +38,7 @@ from dlseg.inference.config import PredictConfig, Shard
 from dlseg.inference.inputs import CaseSpec, case_loader, failure_reason, find_cohort
 from dlseg.inference.predictor import Predictor, context_inputs
 from dlseg.inference.records import RunIdentity
+from dlseg.inference.tta import describe
 
 WAIT_WARNING = 0.3      # note when the model waits for data (or writers) more than this fraction of the loop
 
@@ -264,6 +265,8 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
     plan = shared_plan(cfg, predictor, out, ident, state)
     mine = plan["todo"][state.process_index::state.num_processes]
     announce(plan, shard, state)
+    if predictor.tta:
+        console.print(describe(predictor.meta["invariances"], predictor.views), highlight=False)
     with make_progress("slices") as progress:
         task = progress.add_task(f"predict (rank {state.process_index}/{state.num_processes})",
                                  total=sum(s.slices for s in mine), info="")
