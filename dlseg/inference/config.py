@@ -24,7 +24,9 @@ CPU_WORKERS, ACCELERATOR_WORKERS = 0, 2
 class PredictConfig:
     """Everything one prediction run needs; its fields are the flags of ``dlseg/predict.py``."""
 
-    model: str = option("run folder, its model/ folder, or model.safetensors/model.json (required)", "")
+    model: tuple[str, ...] = option("run folder, its model/ folder, or model.safetensors/model.json (required); "
+                                    "repeat for an ensemble (mean of the models' probabilities)", (), repeat=True,
+                                    metavar="MODEL")
     input: str = option("CHAOS tree, any DICOM folder tree, or a dlseg Zarr store (required)", "")
     out: str = option("output folder: one sub-folder per case + summary.csv/json (required)", "")
     input_kind: str = option("what --input is", "auto", choices=INPUT_KINDS)
@@ -49,6 +51,7 @@ class PredictConfig:
                                "tasks share --out and each writes summary-shard-I-of-N.csv/json", None)
 
     def __post_init__(self) -> None:
+        self.model = (self.model,) if isinstance(self.model, str) and self.model else tuple(self.model or ())
         self.formats = tuple(f.strip() for f in self.formats if f.strip())   # "png, npz" as "png,npz"
 
     def for_device(self, device: Any) -> PredictConfig:

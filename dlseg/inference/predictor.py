@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from dlseg.export import load_model
 from dlseg.inference.config import CPU_BATCH
-from dlseg.inference.tta import IDENTITY, tta_views
+from dlseg.inference.tta import IDENTITY, describe, tta_views
 from dlseg.normalize import NormConfig, ResizeMapping, intensity_stats, prepare_volume
 
 AMP_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}   # config.PRECISIONS → autocast dtype
@@ -80,6 +80,10 @@ class Predictor:
         """What, besides the model, decides the output labels."""
         return {"tta": self.tta, "tta_views": len(self.views), "threshold": self.threshold, "keep_largest": self.keep_largest,
                 "mixed_precision": self.mixed_precision}
+
+    def tta_text(self) -> str:
+        """Which views ``--tta`` averages (one line)."""
+        return describe(self.meta.get("invariances", []), self.views) if self.tta else "TTA: off"
 
     def _autocast(self):
         """Autocast context for the configured precision (a no-op for ``no``)."""

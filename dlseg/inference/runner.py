@@ -35,10 +35,10 @@ from dlseg.distributed import check_launch
 from dlseg.errors import CaseError, ConfigError, StoreError, UsageError
 from dlseg.inference import outputs, records
 from dlseg.inference.config import PredictConfig, Shard
+from dlseg.inference.ensemble import load_predictor, models_fingerprint
 from dlseg.inference.inputs import CaseSpec, case_loader, failure_reason, find_cohort
 from dlseg.inference.predictor import Predictor, context_inputs
 from dlseg.inference.records import RunIdentity
-from dlseg.inference.tta import describe
 
 WAIT_WARNING = 0.3      # note when the model waits for data (or writers) more than this fraction of the loop
 
@@ -223,7 +223,7 @@ def run_identity(cfg: PredictConfig, predictor: Predictor, state: PartialState) 
     """The fingerprints and settings every record of this run carries."""
     settings = {**predictor.settings(), "label_value": cfg.label_value, "formats": sorted(cfg.formats),
                 "overlays": cfg.overlays}
-    return RunIdentity(records.model_fingerprint(cfg.model), settings, records.settings_fingerprint(settings),
+    return RunIdentity(models_fingerprint(cfg.model), settings, records.settings_fingerprint(settings),
                        state.num_processes, state.process_index)
 
 
@@ -258,7 +258,7 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
     cfg.check()
     state = process_state()
     cfg = cfg.for_device(state.device)
-    predictor = Predictor.load(cfg.model, device=state.device, tta=cfg.tta, threshold=cfg.threshold,
+    predictor = load_predictor(cfg.model, device=state.device, tta=cfg.tta, threshold=cfg.threshold,
                                keep_largest=cfg.keep_largest, mixed_precision=cfg.mixed_precision)
     out, shard = Path(cfg.out), cfg.shard_part()
     ident = run_identity(cfg, predictor, state)
@@ -266,7 +266,7 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
     mine = plan["todo"][state.process_index::state.num_processes]
     announce(plan, shard, state)
     if predictor.tta:
-        console.print(describe(predictor.meta["invariances"], predictor.views), highlight=False)
+        console.print(predictor.tta_text(), highlight=False)
     with make_progress("slices") as progress:
         task = progress.add_task(f"predict (rank {state.process_index}/{state.num_processes})",
                                  total=sum(s.slices for s in mine), info="")
