@@ -7,7 +7,8 @@
 
 Folds are patient-level, exactly the assignment ``python -m preprocess --folds K --fold I`` makes (every labeled
 subject ``<MODALITY>-<patient>`` is held out in exactly one fold; the seed defaults to the store split's). They are
-recorded in the store as named splits ``cv<K>-s<seed>-fold<I>-train`` / ``-val`` (``Store.split_cases``), and fold I
+recorded in the store as named splits ``cv<K>-fold<I>-train`` / ``-val`` (``Store.split_cases``; with
+``--fold-seed S``: ``cv<K>-s<S>-fold<I>-…``), and fold I
 trains ``<out>/fold-I`` with ``--loader.train_split`` / ``--loader.val_split`` set to them and ``--resume auto``
 (a rerun continues or skips finished folds). Flags not listed below are the trainer's (``dlseg/train.py``).
 
@@ -58,8 +59,8 @@ class CVConfig:
 
 
 def split_name(cfg: CVConfig, seed: int, fold: int, side: str) -> str:
-    """``cv5-s0-fold2-train``: a fold's split as the store names it."""
-    return f"cv{cfg.folds}-s{seed}-fold{fold}-{side}"
+    """``cv5-fold2-train`` (``cv5-s7-fold2-train`` with ``--fold-seed 7``): a fold's split as the store names it."""
+    return f"cv{cfg.folds}-fold{fold}-{side}" if cfg.fold_seed is None else f"cv{cfg.folds}-s{seed}-fold{fold}-{side}"
 
 
 def fold_splits(store: Store, cfg: CVConfig, seed: int) -> dict[str, list[str]]:

@@ -55,9 +55,9 @@ def test_folds_are_the_preprocess_kfold_assignment(tiny_store, tmp_path):
     held_out = []
     for i in range(2):
         _, val_p = split_patients(["MR-1", "MR-2", "MR-3", "MR-4"], SplitConfig(seed=3, folds=2, fold=i))
-        val = store.split_cases(f"cv2-s3-fold{i}-val")
+        val = store.split_cases(f"cv2-fold{i}-val")
         assert val == [f"{p}-T2" for p in val_p]                         # the store split's seed by default
-        assert sorted(store.split_cases(f"cv2-s3-fold{i}-train") + val) == [f"MR-{p}-T2" for p in range(1, 5)]
+        assert sorted(store.split_cases(f"cv2-fold{i}-train") + val) == [f"MR-{p}-T2" for p in range(1, 5)]
         held_out += val
     assert sorted(held_out) == [f"MR-{p}-T2" for p in range(1, 5)]      # each patient held out exactly once
     assert store.split_cases("val") == ["MR-4-T2"]                      # the store's own split is kept
@@ -74,7 +74,7 @@ def test_two_fold_cv_trains_and_reports_per_organ(tiny_store, tmp_path):
     store = Store(tiny_store)
     for r in doc["per_case"]:                    # each case: its own fold's model, scored by hand
         pred = Predictor.load(out / f"fold-{r['fold']}")
-        assert r["case"] in store.split_cases(f"cv2-s3-fold{r['fold']}-val")
+        assert r["case"] in store.split_cases(f"cv2-fold{r['fold']}-val")
         image, truth = store.read_case(r["case"])
         labels = pred.predict_volume(image, store.info(r["case"]).attrs["stats"])[0]
         for k, name in enumerate(["liver", "spleen"], start=1):
