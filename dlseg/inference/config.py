@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +52,8 @@ class PredictConfig:
                                "tasks share --out and each writes summary-shard-I-of-N.csv/json", None)
 
     def __post_init__(self) -> None:
-        self.model = (self.model,) if isinstance(self.model, str) and self.model else tuple(self.model or ())
+        models = [self.model] if isinstance(self.model, (str, os.PathLike)) else list(self.model or ())
+        self.model = tuple(str(m) for m in models if str(m))      # PredictConfig(model=path): one model
         self.formats = tuple(f.strip() for f in self.formats if f.strip())   # "png, npz" as "png,npz"
 
     def for_device(self, device: Any) -> PredictConfig:
