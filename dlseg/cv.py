@@ -211,7 +211,8 @@ def run(cfg: CVConfig, train_argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: the CV flags here, every other flag to the trainer."""
     def go() -> int:
-        parser = build_parser(CVConfig, prog="python -m dlseg.cv", description=__doc__.splitlines()[0])
+        parser = build_parser(CVConfig, prog="python -m dlseg.cv", description="K-fold cross-validation over a "
+                              "store's labeled patients and its per-organ report; other flags go to dlseg/train.py.")
         ns, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
         return run(config_from_namespace(CVConfig, ns), rest)
     return run_entry(go)
