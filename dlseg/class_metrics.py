@@ -89,20 +89,18 @@ def class_summaries(rows: list[dict[str, Any]], summarize) -> dict[str, Any]:
 
 
 def cell(s: dict[str, Any]) -> str:
-    """``mean ± sd`` of one summary entry ('-' without finite values)."""
-    return "-" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
+    """``mean`` over ``± sd`` of one summary entry ('-' without finite values)."""
+    return "-" if s["mean"] is None else f"{s['mean']:.3f}\n± {s['std']:.3f}"
 
 
 def class_table(doc: dict[str, Any], title: str, units: dict[str, str]) -> Table:
-    """CHAOS-style table: a row per class and one for the mean over classes; mean ± sd over cases per metric."""
-    metrics = list(doc["metrics"])
-    table = Table(title=title)
-    table.add_column("class")
-    for col in metrics:
-        table.add_column(col + units.get(col, ""), justify="right")
-    table.add_column("n", justify="right")
-    for name, summary in doc["classes"].items():
-        table.add_row(name, *(cell(summary[c]) for c in metrics), str(summary[metrics[0]]["n"]))
-    table.add_row(f"[bold]{MEAN}", *(f"[bold]{cell(doc['metrics'][c])}" for c in metrics),
-                  str(doc["metrics"][metrics[0]]["n"]))
+    """CHAOS-style table: a row per metric, a column per class and one for the mean over classes (mean ± sd)."""
+    table = Table(title=title, show_lines=True)
+    table.add_column("metric")
+    for name in doc["classes"]:
+        table.add_column(name, justify="right")
+    table.add_column(f"[bold]{MEAN}", justify="right")
+    for col, summary in doc["metrics"].items():
+        table.add_row(col + units.get(col, ""), *(cell(doc["classes"][n][col]) for n in doc["classes"]),
+                      f"[bold]{cell(summary)}")
     return table

@@ -312,8 +312,8 @@ def print_summary(doc: dict[str, Any], cfg: EvalConfig) -> None:
     for col, s in doc["metrics"].items():
         table.add_row(col + units.get(col, ""), fmt(s["mean"]), fmt(s["std"]), fmt(s["median"]), str(s["n"]))
     if doc.get("classes"):
-        table = class_table(doc, f"CHAOS evaluation per class: {doc['scored']}/{doc['cases']} cases scored, "
-                                 "mean ± sd over cases", units)
+        table = class_table(doc, f"CHAOS evaluation per class: {doc['scored']}/{doc['cases']} cases scored "
+                                 f"(mean ± sd over {doc['metrics']['Dice']['n']} cases)", units)
     console.print(table)
     console.print(f"per-case CSV: {escape(str(cfg.csv_path))}   summary: {escape(str(cfg.summary_path))}")
     if doc["predictions_without_truth"]:
