@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,19 @@ def test_models_with_other_context_take_the_centre_channels(models):
     assert ens.context == 1
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(ens.probabilities(x), (a.probabilities(x[:, 1:2]) + b3.probabilities(x)) / 2, atol=1e-6)
+
+
+def test_a_model_of_another_size_gets_the_grid_resized(models, tmp_path):
+    big = tmp_path / "b48"
+    shutil.copytree(models["b"], big)
+    meta = json.loads((big / "model.json").read_text())
+    (big / "model.json").write_text(json.dumps({**meta, "train_size": 48}))      # the U-Net takes any size
+    a, b = Predictor.load(models["a"]), Predictor.load(big)
+    ens = load_predictor([models["a"], big])
+    x = torch.randn(2, 1, 32, 32)
+    up = torch.nn.functional.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)
+    back = torch.nn.functional.interpolate(b.probabilities(up), size=(32, 32), mode="bilinear", align_corners=False)
+    assert ens.size == 32 and torch.allclose(ens.probabilities(x), (a.probabilities(x) + back) / 2, atol=1e-6)
 
 
 def test_models_that_disagree_on_labels_are_refused(models, tmp_path, capsys):
