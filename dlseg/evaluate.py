@@ -192,7 +192,8 @@ def score_case(job: CaseJob) -> dict[str, Any] | Failure:
     """One case's CSV row, or its Failure (never raises for bad input)."""
     case_dir = Path(job.pred_dir) / job.case_id
     try:
-        pred = read_prediction(case_dir, job.label_value) if job.classes is None else read_prediction_labels(case_dir)
+        pred = (read_prediction(case_dir, job.label_value) if job.classes is None
+                else read_prediction_labels(case_dir, job.label_value))
         truth, spacing = load_truth(job.truth, job.case_id, job.source)
         if pred.shape != truth.shape:
             raise CaseError(case_dir, f"prediction is {shape_text(pred.shape)} "

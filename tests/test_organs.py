@@ -152,3 +152,15 @@ def test_evaluate_classes_option(truth_store, tmp_path, capsys):
     assert evaluate.main(["--pred", str(pred), "--truth", str(truth_store), "--classes", "pancreas"]) == 2
     err = capsys.readouterr().err
     assert "--classes 'pancreas': unknown class pancreas" in err and len(err.strip().splitlines()) == 1
+
+
+def test_binary_prediction_scored_per_class_is_its_liver(truth_store, tmp_path):
+    out = tmp_path / "binary"
+    for cid, labels in PRED.items():
+        case = outputs.CaseOutput(cid, (labels == 1).astype(np.uint8), 1, [f"s{k}" for k in range(SHAPE[0])],
+                                  {"spacing": SPACING, "origin": [0, 0, 0], "direction": list(np.eye(3).ravel())})
+        outputs.write_case(out, case, ["png"], False, 255, {}, 0.0)      # gray 255: the spleen's MR range
+    rows, _ = evaluate.evaluate_folder(out, truth_store, label_value=255, classes="all")
+    by_case = {r["case"]: r["classes"] for r in rows}
+    assert by_case["MR-1"]["liver"]["Dice"] == pytest.approx(2 / 3) and by_case["MR-2"]["liver"]["Dice"] == 1.0
+    assert by_case["MR-1"]["spleen"]["Dice"] == 1.0 and by_case["MR-1"]["right_kidney"]["Dice"] == 0.0

@@ -321,13 +321,19 @@ def read_prediction(case_dir: Path, label_value: int | None) -> np.ndarray:
     return volume
 
 
-def read_prediction_labels(case_dir: Path) -> np.ndarray:
-    """A case's predicted class labels (Z, H, W) uint8: ``prediction.npz`` when present, else its PNGs (MR gray values)."""
+def read_prediction_labels(case_dir: Path, label_value: int | None = LIVER_GRAY) -> np.ndarray:
+    """A case's predicted class labels (Z, H, W) uint8: ``prediction.npz`` when present, else its PNGs.
+
+    PNGs of a multi-class model (its record lists class volumes) map through the MR gray values; those of a binary
+    model are its liver (``label_value``, as :func:`read_prediction`).
+    """
     if not case_dir.is_dir():
         raise CaseError(case_dir, "no prediction for this case")
     pngs = png_files(case_dir)
     if (case_dir / NPZ).is_file() or not pngs:
         return read_labels(case_dir)
+    if not (read_record(case_dir) or {}).get("class_volumes_ml"):
+        return read_prediction(case_dir, label_value).astype(np.uint8) * np.uint8(LIVER)
     check_slice_count(case_dir, len(pngs))
     lut = lookup_table("MR", "organs")
     slices: list[np.ndarray] = []
