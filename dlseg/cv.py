@@ -114,7 +114,7 @@ def fold_rows(cfg: CVConfig, seed: int, fold: int, store: Store, progress, task)
     model_dir = Path(cfg.out) / f"fold-{fold}" / "model"
     read_meta(model_dir)                                   # one line (ModelError) when the fold has no model yet
     pred = Predictor.load(model_dir)
-    names = pred.meta.get("class_names") or ["liver"]
+    names = pred.meta.get("class_names") or [store.label_map[k] for k in sorted(store.label_map, key=int)][1:]
     rows = []
     for case in store.split_cases(split_name(cfg, seed, fold, "val")):
         image, truth = store.read_case(case)
@@ -194,8 +194,9 @@ def run(cfg: CVConfig, train_argv: list[str]) -> int:
     check(cfg)
     seed = record_folds(cfg)
     if cfg.prepare:
-        console.print(f"{cfg.folds} folds recorded in {cfg.store}; next: sbatch --array=0-{cfg.folds - 1} "
-                      "launch/train_cv.sbatch, then this command with --report", highlight=False)
+        console.print(f"{cfg.folds} folds recorded in {cfg.store}; next: STORE={cfg.store} CV_OUT={cfg.out} "
+                      f"FOLDS={cfg.folds} sbatch --array=0-{cfg.folds - 1} launch/train_cv.sbatch [train flags], "
+                      "then this command with --report", highlight=False)
         return 0
     if not cfg.report:
         for i in [cfg.fold] if cfg.fold is not None else range(cfg.folds):
