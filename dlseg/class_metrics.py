@@ -2,9 +2,9 @@
 
 A multi-class case is scored one class at a time (``pred == k`` against ``truth == k``, with the definitions of
 :mod:`dlseg.metrics`), and the case's ``mean`` is the unweighted mean over the scored classes of each metric. The
-overall table gives, per class and for the mean, the mean ± standard deviation over cases (finite values only;
-an infinite RAVD, truth empty and prediction not, is left out and counted in ``n`` no more), as CHAOS reports
-its per-organ results.
+overall table gives, per class and for the mean, the mean ± standard deviation over cases (finite values only:
+an infinite RAVD, truth empty and prediction not, is left out, and the summary's ``n`` says over how many), as
+CHAOS reports its per-organ results.
 
 Which classes (``--classes``):
 
