@@ -67,6 +67,14 @@ def check_config(cfg: AugmentConfig) -> None:
             raise ValueError(f"augment.{key}: must be within [0, 1), got {value!r}")
 
 
+GEOMETRIC_KEYS = ("hflip", "vflip", "transpose", "rotate90")
+
+
+def invariances(cfg: AugmentConfig) -> list[str]:
+    """The geometric transforms training drew (probability > 0): what test-time augmentation may average over."""
+    return [key for key in GEOMETRIC_KEYS if cfg.enabled and getattr(cfg, key) > 0]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Per sample: albumentations
 

@@ -32,14 +32,15 @@ T = TypeVar("T")
 
 def option(help: str, default: Any = dataclasses.MISSING, *, flag: str | None = None, positional: bool = False,
            choices: tuple[str, ...] | None = None, exclusive: str | None = None, default_help: str | None = None,
-           metavar: str | tuple[str, ...] | None = None, const: bool = True,
+           metavar: str | tuple[str, ...] | None = None, const: bool = True, repeat: bool = False,
            default_factory: Any = dataclasses.MISSING) -> Any:
     """A config field that is also a command-line flag: its help, and its flag name where it differs.
 
     ``exclusive`` names a group of mutually exclusive flags; ``const`` is what a bool flag given alone sets
-    (``option(..., True, flag="--no-isolate", const=False)``)."""
+    (``option(..., True, flag="--no-isolate", const=False)``); ``repeat``: a list field whose flag may be given
+    several times (``--model A --model B``)."""
     meta = {"help": help, "flag": flag, "positional": positional, "choices": choices, "exclusive": exclusive,
-            "default_help": default_help, "metavar": metavar, "const": const}
+            "default_help": default_help, "metavar": metavar, "const": const, "repeat": repeat}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -259,6 +260,8 @@ def _value_kwargs(f: dataclasses.Field, tp: Any, key: str, values_for_bools: boo
         return {**kwargs, "action": "store_const", "const": const}
     if typing.get_origin(tp) is tuple and args and args[-1] is not Ellipsis:
         kwargs["nargs"] = len(args)        # tuple[int, int]: --size MIN MAX
+    if meta.get("repeat"):
+        kwargs["action"] = "append"
     metavar = meta.get("metavar") or (None if meta.get("choices") else f.name.upper())
     return {**kwargs, "metavar": metavar, "choices": meta.get("choices")}
 

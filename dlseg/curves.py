@@ -46,8 +46,16 @@ def append_metrics(run_dir: str | os.PathLike, row: dict[str, Any]) -> None:
     _write_rows(path, read_metrics(run_dir) + [row])
 
 
+def class_names(rows: list[dict[str, Any]]) -> list[str]:
+    """Foreground classes with a Dice of their own in the records (none for a one-class model)."""
+    names: list[str] = []
+    for r in rows:
+        names += [n for n in r.get("val_dice_class", {}) if n not in names]
+    return names if len(names) > 1 else []
+
+
 def plot_curves(run_dir: str | os.PathLike) -> Path:
-    """Draw train/val loss and mean val Dice per epoch into ``curves.png`` (atomically).
+    """Draw train/val loss and mean val Dice per epoch (and each class's, for several) into ``curves.png``.
 
     A bare ``Figure`` (no pyplot) draws with Agg without touching the process's global backend.
     """
@@ -61,7 +69,12 @@ def plot_curves(run_dir: str | os.PathLike) -> Path:
     ax_loss.set_ylabel("loss")
     ax_loss.set_yscale("log")
     ax_loss.legend()
-    ax_dice.plot(epochs, [r["val_dice_mean"] for r in rows], "o-", color="tab:green")
+    ax_dice.plot(epochs, [r["val_dice_mean"] for r in rows], "o-", color="tab:green", label="mean", linewidth=2)
+    names = class_names(rows)
+    for name in names:
+        ax_dice.plot(epochs, [r.get("val_dice_class", {}).get(name, float("nan")) for r in rows], ".--", label=name)
+    if names:
+        ax_dice.legend(fontsize="small")
     ax_dice.set_xlabel("epoch")
     ax_dice.set_ylabel("mean val Dice (training grid)")
     ax_dice.set_ylim(0, 1)

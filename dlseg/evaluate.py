@@ -12,7 +12,8 @@ files (``labelsTr``/``labelsTs``: case id = file stem; the liver's value from th
 Every truth case is scored; a truth case without a usable prediction (missing, unreadable, wrong shape) fails
 alone with a one-line reason. Outputs: a per-case CSV (default ``OUT_DIR/evaluation.csv``) and a summary JSON
 next to it (``evaluation.summary.json``), both written atomically; a summary table (mean, std, median) on the
-console. Exit status 0 all cases scored, 1 some failed, 2 unusable arguments.
+console. A multi-class prediction is scored per class and as the mean over classes (``dlseg.class_metrics``,
+``--classes``). Exit status 0 all cases scored, 1 some failed, 2 unusable arguments.
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from dlseg.class_metrics import class_summaries, class_table, long_rows, resolve_classes, score_classes
 from dlseg.config import option, parse_args
 from dlseg.console import console, err_console, make_progress, run_entry
 from dlseg.errors import CaseError, ConfigError, Failure, StoreError, UsageError, one_line
 from dlseg.fileio import atomic_write
-from dlseg.inference.outputs import LIVER, LIVER_GRAY, prediction_cases, read_prediction
+from dlseg.inference.outputs import LIVER, LIVER_GRAY, prediction_cases, read_prediction, read_prediction_labels
 from dlseg.metrics import case_metrics
 from dlseg.sources.dicom import header_meta, read_dataset
 from dlseg.sources.layout import discover
-from dlseg.sources.masks import read_masks
-from dlseg.sources.nifti import is_nifti_input, truth_cases
+from dlseg.sources.masks import LABEL_NAMES, read_masks
+from dlseg.sources.nifti import is_nifti_input, liver_as_one, truth_cases, truth_label_names
 from dlseg.sources.nifti_volume import read_label_volume
 from dlseg.store import Store
 from dlseg.workers import spawn_pool
@@ -87,6 +89,8 @@ class EvalConfig:
                                default_help="all labeled cases")
     modality: str = option("CHAOS-tree truth only: ct | t1-in | t1-out | t2 | all", "all")
     workers: int = option("processes scoring cases in parallel", 1)
+    classes: str = option("auto (a multi-class prediction: each of its classes; else the liver), liver, all (the "
+                          "truth's label map) or NAME,NAME", "auto")
 
     def __post_init__(self) -> None:
         """``--label-value any`` is None; fewer than one worker is one."""
@@ -145,16 +149,25 @@ def open_store(path: str) -> Store:
     return Store(path)
 
 
+def truth_label_map(spec: TruthSpec) -> dict[int, str]:
+    """Label → class name of the truth (the store's label map; the CHAOS organs for a CHAOS tree)."""
+    if spec.kind == "store":
+        return {int(k): str(v) for k, v in open_store(spec.path).label_map.items()}
+    if spec.kind == "nifti":
+        return truth_label_names(Path(spec.path))
+    return dict(LABEL_NAMES)
+
+
 def load_truth(spec: TruthSpec, case_id: str, source: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A truth case's liver (Z, H, W) bool and spacing (z, y, x) in mm."""
+    """A truth case's labels (Z, H, W) uint8 (liver = 1) and spacing (z, y, x) in mm."""
     if spec.kind == "store":
         store = open_store(spec.path)
         _, mask = store.read_case(case_id, mask=True)
-        return mask == LIVER, store.info(case_id).spacing
+        return mask, store.info(case_id).spacing
     if spec.kind == "nifti":
         labels, spacing = read_label_volume(Path(source[0]))
-        return labels == source[1], spacing
-    mask = read_masks(source.mask_files, source.modality, "liver") == LIVER
+        return liver_as_one(labels, source[1]), spacing
+    mask = read_masks(source.mask_files, source.modality, "organs")
     return mask, official_spacing(source.image_files)
 
 
@@ -185,18 +198,22 @@ class CaseJob:
     truth: TruthSpec
     source: Any                         # CHAOS CaseSource (files of the case), None for a store truth
     label_value: int | None
+    classes: dict[int, str] | None = None      # label → name of each class scored; None: the liver alone
 
 
 def score_case(job: CaseJob) -> dict[str, Any] | Failure:
     """One case's CSV row, or its Failure (never raises for bad input)."""
     case_dir = Path(job.pred_dir) / job.case_id
     try:
-        pred = read_prediction(case_dir, job.label_value)
+        pred = (read_prediction(case_dir, job.label_value) if job.classes is None
+                else read_prediction_labels(case_dir, job.label_value))
         truth, spacing = load_truth(job.truth, job.case_id, job.source)
         if pred.shape != truth.shape:
             raise CaseError(case_dir, f"prediction is {shape_text(pred.shape)} "
                                       f"but the truth is {shape_text(truth.shape)}")
-        m = case_metrics(pred, truth, spacing)
+        if job.classes is not None:
+            return {"case": job.case_id, **score_classes(pred, truth, spacing, job.classes, COLUMNS, SUMMARY_METRICS)}
+        m = case_metrics(pred, truth == LIVER, spacing)
     except CaseError as e:
         return Failure(job.case_id, e.path, e.reason)
     except StoreError as e:
@@ -223,6 +240,7 @@ def run_jobs(jobs: list[CaseJob], workers: int) -> Iterator[dict[str, Any] | Fai
 def evaluate_folder(
     pred_dir: str | os.PathLike, truth: str | os.PathLike, label_value: int | None = LIVER_GRAY,
     split: str | None = None, modality: str = "all", workers: int = 1, progress: bool = False,
+    classes: str = "auto",
 ) -> tuple[list[dict[str, Any]], list[Failure]]:
     """Score every labeled truth case against ``pred_dir/<case_id>/``: (CSV rows, failures).
 
@@ -235,7 +253,8 @@ def evaluate_folder(
     cases, failures = open_truth(spec)
     if not cases and not failures:
         raise UsageError(f"{truth}: no labeled cases to score")
-    jobs = [CaseJob(c, str(pred_dir), spec, source, label_value) for c, source in cases]
+    chosen = resolve_classes(classes, pred_dir, truth_label_map(spec))
+    jobs = [CaseJob(c, str(pred_dir), spec, source, label_value, chosen) for c, source in cases]
     rows: list[dict[str, Any]] = []
     with make_progress("cases", disable=None if progress else True) as bar:
         task = bar.add_task("evaluate", total=len(jobs), info="")
@@ -258,11 +277,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | int | N
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
-    """Per-case CSV: case, Dice, RAVD, ASSD, MSSD, HD95, IoU, voxel and confusion counts."""
+    """Per-case CSV: case, Dice, RAVD, ASSD, MSSD, HD95, IoU, voxel and confusion counts (per class: a class column)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["case", *COLUMNS], lineterminator="\n")
+    per_class = bool(rows) and "classes" in rows[0]
+    writer = csv.DictWriter(buf, fieldnames=["case", *(["class"] if per_class else []), *COLUMNS],
+                            lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(long_rows(rows, list(COLUMNS)) if per_class else rows)
     return buf.getvalue()
 
 
@@ -284,6 +305,7 @@ def summary_document(cfg: EvalConfig, rows: list[dict[str, Any]], failures: list
         "pred": str(cfg.pred), "truth": str(cfg.truth), "label_value": cfg.label_value,
         "cases": len(rows) + len(failures), "scored": len(rows), "failed": len(failures),
         "metrics": summarize(rows),
+        **({"classes": class_summaries(rows, summarize)} if rows and "classes" in rows[0] else {}),
         "failures": [{"case": f.case_id, "path": f.path, "reason": f.reason} for f in failures],
         "predictions_without_truth": unmatched,
         "per_case": rows,
@@ -303,6 +325,9 @@ def print_summary(doc: dict[str, Any], cfg: EvalConfig) -> None:
     units = {"RAVD": " (%)", "ASSD": " (mm)", "MSSD": " (mm)", "HD95": " (mm)"}
     for col, s in doc["metrics"].items():
         table.add_row(col + units.get(col, ""), fmt(s["mean"]), fmt(s["std"]), fmt(s["median"]), str(s["n"]))
+    if doc.get("classes"):
+        table = class_table(doc, f"CHAOS evaluation per class: {doc['scored']}/{doc['cases']} cases scored "
+                                 f"(mean ± sd over {doc['metrics']['Dice']['n']} cases)", units)
     console.print(table)
     console.print(f"per-case CSV: {escape(str(cfg.csv_path))}   summary: {escape(str(cfg.summary_path))}")
     if doc["predictions_without_truth"]:
@@ -319,7 +344,7 @@ def run(cfg: EvalConfig, progress: bool = True) -> int:
     if not cfg.pred or not cfg.truth:
         raise UsageError(f"{'--pred' if not cfg.pred else '--truth'}: required")
     rows, failures = evaluate_folder(cfg.pred, cfg.truth, cfg.label_value, cfg.split, cfg.modality,
-                                     cfg.workers, progress)
+                                     cfg.workers, progress, cfg.classes)
     scored = {r["case"] for r in rows} | {f.case_id for f in failures}
     unmatched = [c for c in prediction_cases(Path(cfg.pred)) if c not in scored]
     doc = summary_document(cfg, rows, failures, unmatched)

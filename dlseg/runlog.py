@@ -82,6 +82,8 @@ def epoch_table(epoch: int, epochs: int, row: dict[str, Any]) -> Table:
     table.add_row("val loss", f"{row['val_loss']:.4f}")
     for case, dice in row["val_dice"].items():
         table.add_row(f"val Dice {case}", f"{dice:.4f}")
+    for name, dice in class_dice(row).items():
+        table.add_row(f"val Dice [cyan]{name}[/] (mean over cases)", f"{dice:.4f}")
     table.add_row("[bold]val Dice mean", f"[bold]{row['val_dice_mean']:.4f}")
     table.add_row("lr", f"{row['lr']:.3g}")
     table.add_row("images/s", f"{row['images_per_s']:.1f}")
@@ -92,19 +94,27 @@ def epoch_table(epoch: int, epochs: int, row: dict[str, Any]) -> Table:
     return table
 
 
+def class_dice(row: dict[str, Any]) -> dict[str, float]:
+    """Per-class mean val Dice of a multi-class row (empty for one class: the mean says it all)."""
+    classes = row.get("val_dice_class") or {}
+    return classes if len(classes) > 1 else {}
+
+
 def epoch_line(epochs: int, row: dict[str, Any]) -> str:
     """The epoch's line in ``train.log``."""
     return (f"epoch {row['epoch'] + 1}/{epochs} train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
             f"val_dice_mean {row['val_dice_mean']:.4f} "
+            + "".join(f"dice_{c} {d:.4f} " for c, d in class_dice(row).items())
             + " ".join(f"{c}={d:.4f}" for c, d in row["val_dice"].items())
             + f" data_wait {row['data_wait_fraction']:.2f} images/s {row['images_per_s']:.1f}"
             + (" best" if row["best"] else ""))
 
 
 def tracker_values(row: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a ``metrics.jsonl`` row as trackers take them (Dice per case as ``val_dice/CASE``)."""
+    """The numbers of a ``metrics.jsonl`` row as trackers take them (``val_dice/CASE``, ``val_dice_class/NAME``)."""
     return ({k: v for k, v in row.items() if isinstance(v, (int, float))}
-            | {f"val_dice/{c}": d for c, d in row["val_dice"].items()})
+            | {f"val_dice/{c}": d for c, d in row["val_dice"].items()}
+            | {f"val_dice_class/{c}": d for c, d in row.get("val_dice_class", {}).items()})
 
 
 def flat_config(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

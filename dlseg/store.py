@@ -233,6 +233,16 @@ class StoreWriter:
         self.root.update_attributes(_json_safe(root))  # one write: readers never see a half-updated root
         return root
 
+    def add_splits(self, splits: dict[str, list[str]]) -> None:
+        """Record more named splits (e.g. cross-validation folds) beside the store's own; cases must exist."""
+        attrs = dict(self.root.attrs)
+        if "split" not in attrs:
+            raise StoreError(f"{self.path}: store was never finalized (preprocessing did not finish)")
+        unknown = sorted({c for ids in splits.values() for c in ids} - set(attrs.get("cases", {})))
+        if unknown:
+            raise StoreError(f"{self.path}: no case {unknown[0]!r}")
+        self.root.update_attributes({"split": {**attrs["split"], **splits}})
+
 
 @dataclass(frozen=True)
 class CaseInfo:

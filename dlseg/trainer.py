@@ -21,7 +21,7 @@ from accelerate.utils import broadcast, set_seed
 
 from dlseg import checkpoint as ckpt
 from dlseg import curves
-from dlseg.augment import BatchAugment, SampleTransform
+from dlseg.augment import BatchAugment, SampleTransform, invariances
 from dlseg.config import save_yaml, to_dict
 from dlseg.console import console, make_progress
 from dlseg.data import build_train_loader, build_val_loader, norm_config
@@ -245,6 +245,7 @@ class Trainer:
             "epoch": epoch, "global_step": state.global_step, "world_size": n,
             "train_loss": loss_sum / max(steps, 1.0), "val_loss": scores.loss, "lr": lr,
             "val_dice": dict(zip(self.val_dataset.case_ids, scores.dice)), "val_dice_mean": mean_dice,
+            "val_dice_class": dict(zip(self.task.label_names, scores.class_means())),
             "best": improved, "epoch_time_s": time.perf_counter() - stats.started,
             "images_per_s": stats.images / max(step_s / n, 1e-9), "data_wait_fraction": wait_s / max(step_s, 1e-9),
             "nonfinite_skipped": int(skipped),
@@ -349,6 +350,7 @@ class Trainer:
             "labels": self.task.labels, "modality": self.task.modality, "sequence": self.task.sequence,
             "threshold": THRESHOLD, "channels_last": self.cfg.model.channels_last, "epoch": epoch + 1,
             "val_dice": val_dice, "store_fingerprint": self.task.fingerprint,
+            "class_names": self.task.label_names, "invariances": invariances(self.cfg.augment),
         }
 
     def _write_debug(self, epoch: int) -> None:

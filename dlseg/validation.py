@@ -7,7 +7,11 @@ what ``dlseg.evaluate`` reports on predictions.
     counts = ValidationCounts(n_cases, num_classes, device)
     evaluate(model, loader, counts, loss_fn)
     counts.reduce_from_all_processes(accelerator)
-    scores = counts.compute()          # scores.dice (per case), scores.loss (mean per slice)
+    scores = counts.compute()          # scores.dice (per case), scores.class_dice (per class), scores.loss
+
+A case's Dice is the mean over foreground classes (a class absent from both truth and prediction counts 1.0);
+the mean over cases of that, which equals the mean over classes of each class's mean over cases, picks the best
+model.
 """
 
 from __future__ import annotations
@@ -33,22 +37,31 @@ def confusion_counts(logits: torch.Tensor, mask: torch.Tensor, num_classes: int)
     return torch.stack([tp, fp, fn], dim=-1).long()
 
 
+def dice_per_class(confusion: torch.Tensor) -> list[list[float]]:
+    """Dice per case and foreground class from (cases, F, 3) TP/FP/FN; 1.0 for a class absent in both."""
+    c = confusion.double().cpu()
+    tp, fp, fn = c[..., 0], c[..., 1], c[..., 2]
+    denom = 2 * tp + fp + fn
+    return torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.ones_like(denom)).tolist()
+
+
 def dice_per_case(confusion: torch.Tensor) -> list[float]:
     """Dice per case from (cases, F, 3) TP/FP/FN: mean over foreground classes, 1.0 for a class absent in both."""
-    out = []
-    for row in confusion.double().cpu():
-        tp, fp, fn = row[:, 0], row[:, 1], row[:, 2]
-        denom = 2 * tp + fp + fn
-        dice = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), torch.ones_like(denom))
-        out.append(float(dice.mean()))
-    return out
+    return [sum(row) / len(row) for row in dice_per_class(confusion)]
 
 
 class Scores(NamedTuple):
     """What one validation pass gives."""
 
-    dice: list[float]   # per case, in the loader's case order
+    dice: list[float]   # per case, in the loader's case order (mean over foreground classes)
     loss: float         # mean loss per slice
+    class_dice: list[list[float]]   # per case, per foreground class
+
+    def class_means(self) -> list[float]:
+        """Each foreground class's Dice, mean over cases (empty without cases)."""
+        if not self.class_dice:
+            return []
+        return [sum(col) / len(col) for col in zip(*self.class_dice)]
 
 
 class ValidationCounts:
@@ -87,8 +100,9 @@ class ValidationCounts:
             raise RuntimeError(f"validation saw {self.slices.tolist()} slices per case, expected {expected.tolist()}")
 
     def compute(self) -> Scores:
-        """Dice per case and the mean loss per slice."""
-        return Scores(dice_per_case(self.confusion), float(self.loss_sum / self.loss_slices.clamp_min(1)))
+        """Dice per case (and per class) and the mean loss per slice."""
+        return Scores(dice_per_case(self.confusion), float(self.loss_sum / self.loss_slices.clamp_min(1)),
+                      dice_per_class(self.confusion))
 
 
 @torch.no_grad()

@@ -214,7 +214,8 @@ def test_console_scripts_point_at_entry_points():
     """Every ``dlseg-*`` script of pyproject.toml names a ``main`` that exists (pip would install a broken one)."""
     tomllib = pytest.importorskip("tomllib", reason="Python < 3.11 has no tomllib")
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"dlseg-preprocess", "dlseg-train", "dlseg-predict", "dlseg-evaluate", "dlseg-bench"}
+    assert set(scripts) == {"dlseg-preprocess", "dlseg-train", "dlseg-predict", "dlseg-evaluate", "dlseg-bench",
+                            "dlseg-cv"}
     for name, target in scripts.items():
         module, func = target.split(":")
         assert callable(getattr(importlib.import_module(module), func)), name

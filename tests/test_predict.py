@@ -41,7 +41,7 @@ BAND = 2e-4   # batch size changes CPU conv results by ~1e-7; pixels this close 
 
 
 def make_model(out: Path, modality: str, sequence: str, num_classes: int = 1, context: int = 0,
-               labels: str = "liver", seed: int = 0) -> Path:
+               labels: str = "liver", seed: int = 0, invariances: tuple[str, ...] = ("hflip", "vflip")) -> Path:
     """Export a tiny random U-Net whose logits spread over roughly ±8 (so masks have structure)."""
     torch.manual_seed(seed)
     arch = {"name": "unet", "in_channels": 2 * context + 1, "num_classes": num_classes, "base_width": 4,
@@ -54,7 +54,8 @@ def make_model(out: Path, modality: str, sequence: str, num_classes: int = 1, co
         model.outc.conv.weight.mul_(k)
         model.outc.conv.bias.copy_((model.outc.conv.bias - mean) * k)
     meta = {"arch": arch, "normalization": NormConfig().to_dict(), "train_size": 32, "context_slices": context,
-            "labels": labels, "modality": modality, "sequence": sequence, "threshold": 0.5, "channels_last": False}
+            "labels": labels, "modality": modality, "sequence": sequence, "threshold": 0.5, "channels_last": False,
+            "invariances": list(invariances)}
     export_model(model, meta, out)
     return out
 

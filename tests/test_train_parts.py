@@ -71,8 +71,11 @@ def test_validation_counts_multiclass_mean_over_foreground_classes():
     counts = ValidationCounts(2, 3)
     counts.update(torch.tensor([0, 1]), logits, torch.tensor([[[1, 1, 2]], [[1, 0, 0]]]))
     assert counts.confusion.tolist() == [[[1, 0, 1], [1, 0, 0]], [[1, 2, 0], [0, 0, 0]]]
-    dice = counts.compute().dice
-    assert dice == [pytest.approx((2 / 3 + 1) / 2), pytest.approx((0.5 + 1) / 2)]  # class 2 absent in case 1: 1.0
+    scores = counts.compute()
+    assert scores.dice == [pytest.approx((2 / 3 + 1) / 2), pytest.approx((0.5 + 1) / 2)]  # class 2 absent: 1.0
+    assert scores.class_dice == [[pytest.approx(2 / 3), 1.0], [pytest.approx(0.5), 1.0]]
+    assert scores.class_means() == [pytest.approx((2 / 3 + 0.5) / 2), 1.0]
+    assert sum(scores.class_means()) / 2 == pytest.approx(sum(scores.dice) / 2)   # best-model criterion either way
 
 
 class TwoRanks:
@@ -114,7 +117,7 @@ def test_evaluate_counts_every_batch_and_restores_training_mode():
     assert model.training
     assert counts.slices.tolist() == [2, 1]
     assert counts.confusion.tolist() == [[[3, 0, 1]], [[0, 0, 1]]]
-    assert counts.compute() == ([pytest.approx(6 / 7), 0.0], 1.0)
+    assert counts.compute() == ([pytest.approx(6 / 7), 0.0], 1.0, [[pytest.approx(6 / 7)], [0.0]])
 
 
 def test_build_optimizer_adam_couples_weight_decay_adamw_decouples_it():

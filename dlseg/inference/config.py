@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,9 @@ DIST_TIMEOUT_S = 1800                   # as long as training's --dist-timeout-s
 class PredictConfig:
     """Everything one prediction run needs; its fields are the flags of ``dlseg/predict.py``."""
 
-    model: str = option("run folder, its model/ folder, or model.safetensors/model.json (required)", "")
+    model: tuple[str, ...] = option("run folder, its model/ folder, or model.safetensors/model.json (required); "
+                                    "repeat for an ensemble (mean of the models' probabilities)", (), repeat=True,
+                                    metavar="MODEL")
     input: str = option("CHAOS tree, any DICOM folder tree, a dlseg Zarr store, or a NIfTI file or folder "
                         "(imagesTs/) (required)", "")
     out: str = option("output folder: one sub-folder per case + summary.csv/json (required)", "")
@@ -40,7 +43,8 @@ class PredictConfig:
     prefetch: int = option("cases each worker prepares ahead", 2)
     write_threads: int = option("background writer threads (inverse resize, threshold, PNG encode)", 4)
     max_pending_writes: int = option("cases queued for the writers before compute pauses", 4)
-    tta: bool = option("flip test-time augmentation (mean of 4 flips)", False)
+    tta: bool = option("test-time augmentation: mean over the flips/rotations the model was trained with (refused "
+                       "for a model trained with none)", False)
     keep_largest: bool = option("keep the largest 3D connected component (per class)", False)
     threshold: float | None = option("binary models: probability threshold", None, default_help="the model's")
     formats: tuple[str, ...] = option(f"comma list of {', '.join(FORMATS)}", ("png",), flag="--format")
@@ -63,6 +67,8 @@ class PredictConfig:
                                  "OUT/id-salt.json and reused when resuming)", None)
 
     def __post_init__(self) -> None:
+        models = [self.model] if isinstance(self.model, (str, os.PathLike)) else list(self.model or ())
+        self.model = tuple(str(m) for m in models if str(m))      # PredictConfig(model=path): one model
         self.formats = tuple(f.strip() for f in self.formats if f.strip())   # "png, npz" as "png,npz"
 
     def for_device(self, device: Any) -> PredictConfig:

@@ -30,7 +30,7 @@ import numpy as np
 from dlseg.errors import CaseError, one_line
 from dlseg.fileio import atomic_write, install_dir
 from dlseg.inference.config import Shard
-from dlseg.sources.masks import GRAY_VALUES
+from dlseg.sources.masks import GRAY_VALUES, lookup_table
 from dlseg.sources.nifti_volume import write_like_source
 
 RECORD = "record.json"
@@ -325,6 +325,33 @@ def read_prediction(case_dir: Path, label_value: int | None) -> np.ndarray:
                                   f"{first.shape[0]}x{first.shape[1]}")
         volume[k] = sl
     return volume
+
+
+def read_prediction_labels(case_dir: Path, label_value: int | None = LIVER_GRAY) -> np.ndarray:
+    """A case's predicted class labels (Z, H, W) uint8: ``prediction.npz`` when present, else its PNGs.
+
+    PNGs of a multi-class model (its record lists class volumes) map through the MR gray values; those of a binary
+    model are its liver (``label_value``, as :func:`read_prediction`).
+    """
+    if not case_dir.is_dir():
+        raise CaseError(case_dir, "no prediction for this case")
+    pngs = png_files(case_dir)
+    if (case_dir / NPZ).is_file() or not pngs:
+        return read_labels(case_dir)
+    if not (read_record(case_dir) or {}).get("class_volumes_ml"):
+        return read_prediction(case_dir, label_value).astype(np.uint8) * np.uint8(LIVER)
+    check_slice_count(case_dir, len(pngs))
+    lut = lookup_table("MR", "organs")
+    slices: list[np.ndarray] = []
+    for path in pngs:
+        img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        if img is None:
+            raise CaseError(path, "cannot read PNG (missing, truncated or not a PNG)")
+        if slices and img.shape != slices[0].shape:
+            raise CaseError(path, f"PNG is {img.shape[0]}x{img.shape[1]} but {pngs[0].name} is "
+                                  f"{slices[0].shape[0]}x{slices[0].shape[1]}")
+        slices.append(lut[img])
+    return np.stack(slices)
 
 
 def prediction_cases(pred_dir: Path) -> list[str]:

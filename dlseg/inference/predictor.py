@@ -1,4 +1,4 @@
-"""The model side of prediction: probabilities (flip TTA, autocast, channels-last) and post-processing.
+"""The model side of prediction: probabilities (TTA over the model's invariances, autocast, channels-last), post-processing.
 
 In memory, no files: ``Predictor.load(model).predict_volume(image)`` → labels and probabilities at the
 scanner's size, through exactly the normalize/resize path that training used.
@@ -16,10 +16,10 @@ from scipy import ndimage
 
 from dlseg.export import load_model
 from dlseg.inference.config import CPU_BATCH
+from dlseg.inference.tta import IDENTITY, describe, tta_views
 from dlseg.normalize import NormConfig, ResizeMapping, intensity_stats, prepare_volume
 
 AMP_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}   # config.PRECISIONS → autocast dtype
-FLIPS: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))  # identity, hflip, vflip, both
 
 
 def context_inputs(inputs: torch.Tensor, z0: int, z1: int, k: int) -> torch.Tensor:
@@ -64,6 +64,7 @@ class Predictor:
         self.modality = str(meta["modality"]).upper()
         self.norm = NormConfig.from_dict(meta["normalization"])
         self.tta = tta
+        self.views = tta_views(meta) if tta else [IDENTITY]   # refuses TTA the model was not trained for
         self.threshold = float(meta["threshold"] if threshold is None else threshold)
         self.keep_largest = keep_largest
         self.mixed_precision = mixed_precision
@@ -77,8 +78,12 @@ class Predictor:
 
     def settings(self) -> dict[str, Any]:
         """What, besides the model, decides the output labels."""
-        return {"tta": self.tta, "threshold": self.threshold, "keep_largest": self.keep_largest,
+        return {"tta": self.tta, "tta_views": len(self.views), "threshold": self.threshold, "keep_largest": self.keep_largest,
                 "mixed_precision": self.mixed_precision}
+
+    def tta_text(self) -> str:
+        """Which views ``--tta`` averages (one line)."""
+        return describe(self.meta.get("invariances", []), self.views) if self.tta else "TTA: off"
 
     def _autocast(self):
         """Autocast context for the configured precision (a no-op for ``no``)."""
@@ -93,19 +98,16 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) inputs → (B, K, S, S) float32 probabilities on the device (flip-TTA mean when enabled)."""
+        """(B, C, S, S) inputs → (B, K, S, S) float32 probabilities on the device (mean over the TTA views)."""
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        flips = FLIPS if self.tta else FLIPS[:1]
         total = None
         with self._autocast():
-            for dims in flips:
-                xi = torch.flip(x, dims) if dims else x
-                p = self._activate(self.model(xi))
-                p = torch.flip(p, dims) if dims else p
+            for view in self.views:
+                p = view.inverse(self._activate(self.model(view.forward(x))))
                 total = p if total is None else total + p
-        return total / len(flips)
+        return total / len(self.views)
 
     def classify(self, probs: np.ndarray) -> np.ndarray:
         """(…, K, H, W) probabilities → (…, H, W) uint8 labels: threshold for one class, argmax otherwise."""

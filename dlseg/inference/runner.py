@@ -34,10 +34,10 @@ from accelerate.utils import parse_flag_from_env
 from dlseg.console import console, make_progress
 from dlseg.distributed import check_launch
 from dlseg.errors import CaseError, ConfigError, StoreError, UsageError
-from dlseg.export import load_exported
 from dlseg.inference import outputs, planning, records
 from dlseg.inference.cohort_select import dry_run, selected_cohort
 from dlseg.inference.config import PredictConfig, Shard
+from dlseg.inference.ensemble import load_models
 from dlseg.inference.inputs import CaseSpec, case_loader, failure_reason
 from dlseg.inference.privacy import SourceRefs
 from dlseg.inference.predictor import Predictor, context_inputs
@@ -254,15 +254,16 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
         return dry_run(cfg)
     state = process_state(cfg.dist_timeout_s)
     cfg = cfg.for_device(state.device)
-    model, exported = load_exported(cfg.model)      # the fingerprint is of exactly the bytes loaded
-    predictor = Predictor(model, exported.meta, device=state.device, tta=cfg.tta, threshold=cfg.threshold,
-                          keep_largest=cfg.keep_largest, mixed_precision=cfg.mixed_precision)
+    predictor, model_fp = load_models(cfg.model, device=state.device, tta=cfg.tta, threshold=cfg.threshold,
+                                      keep_largest=cfg.keep_largest, mixed_precision=cfg.mixed_precision)
     out, shard = Path(cfg.out), cfg.shard_part()
-    ident = run_identity(cfg, predictor, state, exported.fingerprint)
+    ident = run_identity(cfg, predictor, state, model_fp)   # the fingerprint of exactly the bytes loaded
     exchange = planning.Exchange.open(out, state, cfg.dist_timeout_s)   # no collective waits on the planning
     plan = exchange.plan(lambda: make_plan(cfg, predictor.meta, out, ident))
     mine = planning.my_cases(plan["todo"], state.process_index, state.num_processes)
     announce(plan, shard, state)
+    if predictor.tta:
+        console.print(predictor.tta_text(), highlight=False)
     with make_progress("slices") as progress:
         task = progress.add_task(f"predict (rank {state.process_index}/{state.num_processes})",
                                  total=sum(s.slices for s in mine), info="")

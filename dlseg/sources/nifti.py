@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dlseg.errors import CaseError, Failure, UsageError, one_line
 from dlseg.sources.files import natural_sorted
 from dlseg.sources.layout import CaseSource, discover
@@ -288,6 +290,30 @@ def truth_value(folder: Path, structure: str = "liver") -> int:
     names = parse_labels(path, read_json(path).get("labels"))
     hits = [v for v, n in names.items() if v != 0 and structure_key(n) == structure_key(structure)]
     return hits[0] if hits else 1
+
+
+def truth_label_names(folder: Path) -> dict[int, str]:
+    """Value → name of a labels folder's ``dataset.json`` with the liver's value swapped to 1 (``liver_as_one``)."""
+    path = folder.parent / DATASET_JSON
+    if not path.is_file():
+        return {0: "background", 1: "liver"}
+    names = parse_labels(path, read_json(path).get("labels"))
+    liver = truth_value(folder)
+    return {swap_liver(v, liver): n for v, n in sorted(names.items())}
+
+
+def swap_liver(value: int, liver: int) -> int:
+    """Label ``value`` after the liver's value and 1 trade places (scores use 1 for the liver)."""
+    return 1 if value == liver else liver if value == 1 else value
+
+
+def liver_as_one(labels: np.ndarray, liver: int) -> np.ndarray:
+    """``labels`` with the liver's value and 1 swapped, so the liver is 1 as in every other truth."""
+    if liver == 1:
+        return labels
+    out = labels.copy()
+    out[labels == liver], out[labels == 1] = 1, liver
+    return out
 
 
 def truth_cases(folder: Path) -> list[tuple[str, tuple[str, int]]]:

@@ -1,0 +1,223 @@
+"""``python -m dlseg.cv``: K-fold cross-validation over a store's labeled patients, and its per-organ report.
+
+    python -m dlseg.cv --store S.zarr --out runs/cv --folds 5 --config RECIPE [--key value ...]   # all, in turn
+    python -m dlseg.cv --store S.zarr --out runs/cv --folds 5 --prepare                          # before an array
+    sbatch --array=0-4 launch/train_cv.sbatch --config RECIPE            # one fold per task (STORE, CV_OUT, FOLDS)
+    python -m dlseg.cv --store S.zarr --out runs/cv --folds 5 --report                           # after it
+
+Folds are patient-level, exactly the assignment ``python -m preprocess --folds K --fold I`` makes (every labeled
+subject ``<MODALITY>-<patient>`` is held out in exactly one fold; the seed defaults to the store split's). They are
+recorded in the store as named splits ``cv<K>-fold<I>-train`` / ``-val`` (``Store.split_cases``; with
+``--fold-seed S``: ``cv<K>-s<S>-fold<I>-…``), and fold I
+trains ``<out>/fold-I`` with ``--loader.train_split`` / ``--loader.val_split`` set to them and ``--resume auto``
+(a rerun continues or skips finished folds). Flags not listed below are the trainer's (``dlseg/train.py``).
+
+The report scores every fold's exported model on its own held-out cases in their original geometry (each case
+once, so the per-case table pools all labeled patients) and gives the Dice per class: per fold, and pooled as
+mean ± sd over cases. Written atomically to ``<out>/cv_report.json`` and ``cv_report.md``. To predict with all
+the fold models at once: ``dlseg/predict.py --model <out>/fold-0 --model <out>/fold-1 …`` (an ensemble).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from dlseg.config import build_parser, config_from_namespace, option
+from dlseg.console import console, make_progress, run_entry
+from dlseg.errors import UsageError
+from dlseg.export import read_meta
+from dlseg.fileio import atomic_write
+from dlseg.inference.predictor import Predictor
+from dlseg.locks import FolderLock
+from dlseg.metrics import dice
+from dlseg.preprocessing.split import SplitConfig, split_patients
+from dlseg.store import Store, StoreWriter
+from dlseg.train import parse as parse_train
+from dlseg.trainer import run as train_run
+
+REPORT = "cv_report"
+
+
+@dataclass
+class CVConfig:
+    """One cross-validation; its fields are the flags of ``python -m dlseg.cv`` (the rest go to the trainer)."""
+
+    store: str = option("the dlseg Zarr store whose labeled patients are split (required)", "")
+    out: str = option("cross-validation folder: fold-I/ run folders and the report (required)", "")
+    folds: int = option("number of folds K", 5)
+    fold: int | None = option("train only fold I, 0 ≤ I < K (one task of a job array)", None)
+    fold_seed: int | None = option("seed of the fold assignment", None, default_help="the store split's seed")
+    prepare: bool = option("only record the folds in the store (before submitting a job array)", False)
+    report: bool = option("only write the report (every fold trained)", False)
+
+
+def split_name(cfg: CVConfig, seed: int, fold: int, side: str) -> str:
+    """``cv5-fold2-train`` (``cv5-s7-fold2-train`` with ``--fold-seed 7``): a fold's split as the store names it."""
+    return f"cv{cfg.folds}-fold{fold}-{side}" if cfg.fold_seed is None else f"cv{cfg.folds}-s{seed}-fold{fold}-{side}"
+
+
+def fold_splits(store: Store, cfg: CVConfig, seed: int) -> dict[str, list[str]]:
+    """Every fold's train and val case ids (patient-level, as ``preprocess --folds K --fold I`` assigns them)."""
+    subject = {c: f"{store.info(c).attrs.get('modality')}-{store.info(c).attrs.get('patient')}"
+               for c in store.cases if store.info(c).labeled}
+    out = {}
+    for i in range(cfg.folds):
+        train_p, val_p = split_patients(sorted(set(subject.values())), SplitConfig(seed=seed, folds=cfg.folds, fold=i))
+        for side, patients in (("train", set(train_p)), ("val", set(val_p))):
+            out[split_name(cfg, seed, i, side)] = [c for c in sorted(subject) if subject[c] in patients]
+    return out
+
+
+def record_folds(cfg: CVConfig) -> int:
+    """Write the folds into the store unless it already holds them; returns the seed used."""
+    store = Store(cfg.store)
+    seed = int(store.split.get("seed", 0)) if cfg.fold_seed is None else cfg.fold_seed
+    splits = fold_splits(store, cfg, seed)
+    if any(store.split.get(name) != ids for name, ids in splits.items()):
+        with FolderLock(cfg.store, "python -m dlseg.cv"):
+            StoreWriter(cfg.store).add_splits(splits)
+    return seed
+
+
+def check(cfg: CVConfig) -> None:
+    """UsageError naming the first unusable flag."""
+    if not cfg.store or not cfg.out:
+        raise UsageError(f"{'--store' if not cfg.store else '--out'}: required")
+    if cfg.folds < 2:
+        raise UsageError(f"--folds {cfg.folds}: need at least 2 folds")
+    if cfg.fold is not None and not 0 <= cfg.fold < cfg.folds:
+        raise UsageError(f"--fold {cfg.fold}: must be in 0..{cfg.folds - 1}")
+    if cfg.prepare and cfg.report:
+        raise UsageError("--prepare and --report: choose one")
+
+
+def train_fold(cfg: CVConfig, seed: int, fold: int, train_argv: list[str]) -> int:
+    """Train (or continue) one fold's run folder; the trainer's exit status."""
+    console.print(f"[bold]cross-validation: fold {fold + 1}/{cfg.folds}", highlight=False)
+    argv = [*train_argv, "--data", cfg.store, "--out", str(Path(cfg.out) / f"fold-{fold}"),
+            "--loader.train_split", split_name(cfg, seed, fold, "train"),
+            "--loader.val_split", split_name(cfg, seed, fold, "val"), "--resume", "auto"]
+    return train_run(parse_train(argv))
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def fold_rows(cfg: CVConfig, seed: int, fold: int, store: Store, progress, task) -> list[dict[str, Any]]:
+    """Dice per class of each held-out case of one fold, from that fold's exported model."""
+    model_dir = Path(cfg.out) / f"fold-{fold}" / "model"
+    read_meta(model_dir)                                   # one line (ModelError) when the fold has no model yet
+    pred = Predictor.load(model_dir)
+    names = pred.meta.get("class_names") or [store.label_map[k] for k in sorted(store.label_map, key=int)][1:]
+    rows = []
+    for case in store.split_cases(split_name(cfg, seed, fold, "val")):
+        image, truth = store.read_case(case)
+        labels = pred.predict_volume(image, store.info(case).attrs.get("stats"))[0]
+        scores = {n: dice(labels == k, truth == k) for k, n in enumerate(names, start=1)}
+        rows.append({"case": case, "fold": fold, "dice": scores, "mean": float(np.mean(list(scores.values())))})
+        progress.update(task, advance=1, info=case)
+    return rows
+
+
+def stats(values: list[float]) -> dict[str, float | int]:
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values)), "n": len(values)}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per class (and the mean over classes): mean ± sd over the rows' cases."""
+    names = list(rows[0]["dice"])
+    return {**{n: stats([r["dice"][n] for r in rows]) for n in names}, "mean": stats([r["mean"] for r in rows])}
+
+
+def build_report(cfg: CVConfig, seed: int) -> dict[str, Any]:
+    """Score every fold on its held-out cases; the report document."""
+    store = Store(cfg.store)
+    total = sum(len(store.split_cases(split_name(cfg, seed, i, "val"))) for i in range(cfg.folds))
+    rows: list[dict[str, Any]] = []
+    per_fold = []
+    with make_progress("cases") as progress:
+        task = progress.add_task("cross-validation report", total=total, info="")
+        for i in range(cfg.folds):
+            fold = fold_rows(cfg, seed, i, store, progress, task)
+            meta = read_meta(Path(cfg.out) / f"fold-{i}" / "model")
+            per_fold.append({"fold": i, "cases": [r["case"] for r in fold], "dice": summarize(fold),
+                             "best_epoch": meta.get("epoch"), "val_dice_training_grid": meta.get("val_dice")})
+            rows += fold
+    return {"store": str(cfg.store), "folds": cfg.folds, "seed": seed, "classes": list(rows[0]["dice"]),
+            "pooled": summarize(rows), "per_fold": per_fold, "per_case": rows}
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The report as Markdown: pooled Dice per class, per fold, per case."""
+    cols = [*doc["classes"], "mean"]
+    head = "| | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
+    pm = " | ".join(f"{doc['pooled'][c]['mean']:.4f} ± {doc['pooled'][c]['sd']:.4f}" for c in cols)
+    lines = [f"# Cross-validated Dice ({doc['folds']} folds, seed {doc['seed']}, {len(doc['per_case'])} cases)\n",
+             "Each fold's model on its own held-out patients, original geometry.\n", head + f"| pooled | {pm} |"]
+    for f in doc["per_fold"]:
+        lines.append(f"| fold {f['fold']} | " + " | ".join(f"{f['dice'][c]['mean']:.4f}" for c in cols) + " |")
+    lines.append("\n## Per case\n\n| case | fold | " + " | ".join(cols) + " |\n|---|---:|" + "---:|" * len(cols))
+    for r in doc["per_case"]:
+        values = [*(r["dice"][c] for c in doc["classes"]), r["mean"]]
+        lines.append(f"| {r['case']} | {r['fold']} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(cfg: CVConfig, seed: int) -> dict[str, Any]:
+    """Build, write (JSON + Markdown, atomically) and print the report."""
+    doc = build_report(cfg, seed)
+    out = Path(cfg.out)
+    atomic_write(out / f"{REPORT}.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write(out / f"{REPORT}.md", markdown(doc))
+    table = Table(title=f"cross-validated Dice, {cfg.folds} folds, {len(doc['per_case'])} held-out cases")
+    table.add_column("")
+    for c in [*doc["classes"], "mean"]:
+        table.add_column(c, justify="right")
+    table.add_row("pooled", *(f"{doc['pooled'][c]['mean']:.4f} ± {doc['pooled'][c]['sd']:.4f}"
+                              for c in [*doc["classes"], "mean"]))
+    for f in doc["per_fold"]:
+        table.add_row(f"fold {f['fold']}", *(f"{f['dice'][c]['mean']:.4f}" for c in [*doc["classes"], "mean"]))
+    console.print(table)
+    console.print(f"report: {out / REPORT}.json, .md; ensemble of the folds: dlseg/predict.py "
+                  + " ".join(f"--model {out / f'fold-{i}'}" for i in range(cfg.folds)), highlight=False)
+    return doc
+
+
+def run(cfg: CVConfig, train_argv: list[str]) -> int:
+    """Record the folds, train them (all, or ``--fold``), then report; the exit status."""
+    check(cfg)
+    seed = record_folds(cfg)
+    if cfg.prepare:
+        console.print(f"{cfg.folds} folds recorded in {cfg.store}; next: STORE={cfg.store} CV_OUT={cfg.out} "
+                      f"FOLDS={cfg.folds} sbatch --array=0-{cfg.folds - 1} launch/train_cv.sbatch [train flags], "
+                      "then this command with --report", highlight=False)
+        return 0
+    if not cfg.report:
+        for i in [cfg.fold] if cfg.fold is not None else range(cfg.folds):
+            code = train_fold(cfg, seed, i, train_argv)
+            if code != 0:
+                return code
+        if cfg.fold is not None:
+            return 0
+    write_report(cfg, seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: the CV flags here, every other flag to the trainer."""
+    def go() -> int:
+        parser = build_parser(CVConfig, prog="python -m dlseg.cv", description="K-fold cross-validation over a "
+                              "store's labeled patients and its per-organ report; other flags go to dlseg/train.py.")
+        ns, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+        return run(config_from_namespace(CVConfig, ns), rest)
+    return run_entry(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Cross-validation: K folds of a patient-level split trained in one command, and the per-organ report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dlseg import cv
+from dlseg.inference.predictor import Predictor
+from dlseg.metrics import dice
+from dlseg.normalize import intensity_stats
+from dlseg.preprocessing.split import SplitConfig, split_patients
+from dlseg.store import CaseData, Store
+from helpers import TINY_RUN, write_store
+
+MAP = {"0": "background", "1": "liver", "2": "spleen"}
+
+
+def phantom(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 6×40×40 MR-like case: a bright liver disc and a darker spleen disc on a noisy body."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:40, :40]
+    mask = np.zeros((6, 40, 40), np.uint8)
+    cy, cx = 18 + seed % 3, 14 + seed % 2
+    mask[:, (yy - cy) ** 2 + (xx - cx) ** 2 < 60] = 1
+    mask[1:5, (yy - 20) ** 2 + (xx - 30) ** 2 < 20] = 2
+    image = (200 + 40 * rng.standard_normal(mask.shape) + 300 * (mask == 1) + 120 * (mask == 2)).astype(np.int16)
+    return image, mask
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory) -> Path:
+    """Four labeled MR patients (liver + spleen), one unlabeled case."""
+    cases = []
+    for p in range(1, 5):
+        image, mask = phantom(p)
+        cases.append(CaseData(f"MR-{p}-T2", image, mask, {
+            "patient": str(p), "modality": "MR", "sequence": "t2", "spacing": [5.0, 1.5, 1.5],
+            "fingerprint": f"f{p}", "stats": intensity_stats(image, "MR")}))
+    image, _ = phantom(9)
+    cases.append(CaseData("MR-test-9-T2", image, None, {"patient": "test-9", "modality": "MR", "sequence": "t2",
+                                                        "spacing": [5.0, 1.5, 1.5], "stats": intensity_stats(image, "MR")}))
+    split = {"train": ["MR-1-T2", "MR-2-T2", "MR-3-T2"], "val": ["MR-4-T2"], "unlabeled": ["MR-test-9-T2"],
+             "seed": 3, "method": "fixed"}
+    return write_store(tmp_path_factory.mktemp("cv") / "s.zarr", cases, split, MAP)
+
+
+def test_folds_are_the_preprocess_kfold_assignment(tiny_store, tmp_path):
+    cfg = cv.CVConfig(store=str(tiny_store), out=str(tmp_path), folds=2, prepare=True)
+    assert cv.run(cfg, []) == 0
+    store = Store(tiny_store)
+    held_out = []
+    for i in range(2):
+        _, val_p = split_patients(["MR-1", "MR-2", "MR-3", "MR-4"], SplitConfig(seed=3, folds=2, fold=i))
+        val = store.split_cases(f"cv2-fold{i}-val")
+        assert val == [f"{p}-T2" for p in val_p]                         # the store split's seed by default
+        assert sorted(store.split_cases(f"cv2-fold{i}-train") + val) == [f"MR-{p}-T2" for p in range(1, 5)]
+        held_out += val
+    assert sorted(held_out) == [f"MR-{p}-T2" for p in range(1, 5)]      # each patient held out exactly once
+    assert store.split_cases("val") == ["MR-4-T2"]                      # the store's own split is kept
+
+
+def test_two_fold_cv_trains_and_reports_per_organ(tiny_store, tmp_path):
+    out = tmp_path / "cv"
+    train = [*TINY_RUN, "--loader.workers", "0", "--epochs", "1", "--optim.lr", "1e-2", "--augment.enabled", "false",
+             "--keep_last", "1"]
+    assert cv.main(["--store", str(tiny_store), "--out", str(out), "--folds", "2", *train]) == 0
+    doc = json.loads((out / "cv_report.json").read_text())
+    assert doc["classes"] == ["liver", "spleen"] and doc["folds"] == 2
+    assert sorted(r["case"] for r in doc["per_case"]) == [f"MR-{p}-T2" for p in range(1, 5)]
+    store = Store(tiny_store)
+    for r in doc["per_case"]:                    # each case: its own fold's model, scored by hand
+        pred = Predictor.load(out / f"fold-{r['fold']}")
+        assert r["case"] in store.split_cases(f"cv2-fold{r['fold']}-val")
+        image, truth = store.read_case(r["case"])
+        labels = pred.predict_volume(image, store.info(r["case"]).attrs["stats"])[0]
+        for k, name in enumerate(["liver", "spleen"], start=1):
+            assert r["dice"][name] == pytest.approx(dice(labels == k, truth == k))
+        assert r["mean"] == pytest.approx(np.mean(list(r["dice"].values())))
+    for f in doc["per_fold"]:
+        rows = [r for r in doc["per_case"] if r["fold"] == f["fold"]]
+        assert f["dice"]["liver"]["mean"] == pytest.approx(np.mean([r["dice"]["liver"] for r in rows]))
+        metrics = [json.loads(line) for line in (out / f"fold-{f['fold']}" / "metrics.jsonl").read_text().splitlines()]
+        assert f["val_dice_training_grid"] == max(m["val_dice_mean"] for m in metrics)
+        assert sorted(metrics[-1]["val_dice"]) == sorted(f["cases"])    # the fold validated on its held-out cases
+    spleen = [r["dice"]["spleen"] for r in doc["per_case"]]
+    assert doc["pooled"]["spleen"] == pytest.approx({"mean": np.mean(spleen), "sd": np.std(spleen), "n": 4})
+    md = (out / "cv_report.md").read_text()
+    assert f"{doc['pooled']['liver']['mean']:.4f} ± {doc['pooled']['liver']['sd']:.4f}" in md
+    assert "MR-test-9-T2" not in md
+
+
+def test_unusable_cv_arguments_exit_2(tiny_store, tmp_path, capsys):
+    assert cv.main(["--store", str(tiny_store), "--out", str(tmp_path), "--folds", "1"]) == 2
+    assert cv.main(["--store", str(tiny_store), "--out", str(tmp_path), "--folds", "9", "--prepare"]) == 2
+    assert cv.main(["--store", str(tiny_store), "--out", str(tmp_path / "none"), "--folds", "2", "--report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "need at least 2 folds" in err[0] and "only 4 labeled patients" in err[1]
+    assert "no exported model" in err[2] and "Traceback" not in "".join(err)
