@@ -292,7 +292,7 @@ def test_predict_nifti_folder_and_store_round_trip(tmp_path):
         assert np.array_equal(labels, outputs.read_labels(out / case))
         assert_overlays_source(out2 / case / outputs.NIFTI, src / "imagesTr" / f"{case}_0000.nii.gz", labels)
     # evaluate against labelsTr: paired by case id, liver = dataset.json's value, Dice from the canonical grids
-    assert evaluate_main(["--pred", str(out), "--truth", str(src / "labelsTr")]) == 0
+    assert evaluate_main(["--pred", str(out), "--truth", str(src / "labelsTr"), "--classes", "liver"]) == 0
     doc = json.loads((out / "evaluation.summary.json").read_text())
     assert doc["scored"] == 2 and doc["predictions_without_truth"] == []
     for row in doc["per_case"]:
