@@ -238,7 +238,7 @@ def read_identity(path: Path) -> dict[str, Any]:
 def load_checkpoint(acc: Accelerator, path: Path, state: TrainState, parts: Parts) -> None:
     """Restore a verified checkpoint on this process; ResumeError naming the file when one does not load."""
     try:
-        load_model_file(path / MODEL, acc.unwrap_model(parts.model), acc.device)
+        load_model_file(path / MODEL, acc.unwrap_model(parts.model))
         parts.optimizer.load_state_dict(read_state(path, OPTIMIZER))
         parts.scheduler.load_state_dict(read_state(path, SCHEDULER))
         if acc.scaler is not None and (path / state_files(SCALER)[0]).is_file():

@@ -10,7 +10,6 @@ and numpy arrays are tagged so the value comes back with the same Python types (
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +128,11 @@ def save_model_file(path: Path, model: torch.nn.Module, write_bytes) -> None:
     write_bytes(path, save({k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}))
 
 
-def load_model_file(path: Path, model: torch.nn.Module, device: str | os.PathLike = "cpu") -> None:
-    """Weights from a safetensors file into ``model`` (strict: same names and shapes)."""
-    model.load_state_dict(load_file(str(path), device=str(device)))
+def load_model_file(path: Path, model: torch.nn.Module) -> None:
+    """Weights from a safetensors file into ``model`` (strict: same names and shapes; copied to its device)."""
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise ValueError(f"{path}: unreadable tensors ({type(e).__name__}: {e})") from None
+    model.load_state_dict(tensors)
 

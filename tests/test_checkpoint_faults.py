@@ -1,0 +1,272 @@
+"""Checkpoint faults, each injected: a second job in a run folder, a changed identity, a finished run, planted
+pickles, damaged checkpoints, ``kill -9`` mid-save, and two ranks that must resume from one checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dlseg import checkpoint as ckpt
+from dlseg import curves, runstart
+from dlseg.train import main as train_main
+from helpers import TINY_RUN, assert_same_weights, read_weights
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "dlseg" / "train.py")
+TINY = [*TINY_RUN, "--loader.workers", "0", "--optim.lr", "1e-3", "--sched.step_size", "1", "--sched.gamma", "0.5",
+        "--keep_last", "3"]
+# What Accelerate's save_state writes (all pickles), planted beside a checkpoint's own files.
+ACCELERATE_NAMES = ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin", "scaler.pt",
+                    "pytorch_model.bin"]
+
+
+def tiny(store: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(store), "--out", str(out), *TINY, *extra]
+
+
+def final(run: Path):
+    return read_weights(ckpt.list_checkpoints(run)[-1] / ckpt.MODEL)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+@pytest.fixture(scope="module")
+def two_epochs(synthetic_store, tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch run (a checkpoint after each epoch): the reference of the fault tests."""
+    out = tmp_path_factory.mktemp("faults") / "ref"
+    assert train_main(tiny(synthetic_store, out, "--epochs", "2")) == 0
+    assert len(ckpt.list_checkpoints(out)) == 2 and not (out / ".lock").exists()
+    return out
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+class _Payload:
+    """Unpickling this creates ``marker`` (what a real attack would do instead: run any code)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(folder: Path, name: str, payload: bytes) -> None:
+    """Put ``payload`` under ``name`` and make the manifest agree, as an attacker with write access could."""
+    (folder / name).write_bytes(payload)
+    if name != ckpt.MANIFEST:
+        manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+        manifest["files"][name] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+
+
+# ---------------------------------------------------------------------------------------------- one run, one folder
+
+
+def test_a_second_job_into_a_held_run_folder_exits_2_naming_the_holder(synthetic_store, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                               "started": "2026-01-01T00:00:00+00:00", "command": "train.py --out"}))
+        assert train_main(tiny(synthetic_store, out, "--epochs", "1", "--resume", "auto")) == 2
+        err = one_error_line(capsys)
+        assert f"{out}: in use by another writer (pid {holder.pid} on {socket.gethostname()}" in err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]           # nothing written: no config, no log
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_resume_with_another_identity_is_refused_naming_the_fields(two_epochs, synthetic_store, tmp_path, capsys):
+    out = copy_run(two_epochs, tmp_path / "run")
+    config = (out / "config.yaml").read_bytes()
+    argv = tiny(synthetic_store, out, "--epochs", "3", "--resume", "auto", "--optim.lr", "0.01")
+    assert train_main([*argv, "--loader.batch_size", "8"]) == 2
+    err = one_error_line(capsys)
+    newest = ckpt.list_checkpoints(out)[-1]
+    assert err.startswith(f"error: {newest}: this run differs from the one that wrote the checkpoint: ")
+    assert "effective_batch 4 → 8, optimizer.lr 0.001 → 0.01;" in err
+    assert "--allow_change effective_batch,optimizer" in err
+    assert (out / "config.yaml").read_bytes() == config                         # not overwritten before the check
+    assert len(curves.read_metrics(out)) == 2
+
+    # The documented flag accepts the change, and the new learning rate takes effect on the resumed schedule.
+    assert train_main([*argv, "--allow_change", "optimizer.lr"]) == 0
+    rows = curves.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[1]["lr"] == pytest.approx(1e-3 * 0.5) and rows[2]["lr"] == pytest.approx(0.01 * 0.5 ** 2)
+    assert "resume: optimizer.lr changed 0.001 → 0.01 (--allow_change)" in (out / "train.log").read_text()
+    assert "lr: 0.01" in (out / "config.yaml").read_text()
+
+
+def test_a_finished_run_says_so_and_a_fresh_start_never_mixes_into_a_used_folder(two_epochs, synthetic_store,
+                                                                                 tmp_path, capsys):
+    out = copy_run(two_epochs, tmp_path / "run")
+    names = [p.name for p in ckpt.list_checkpoints(out)]
+    assert train_main(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto")) == 0
+    assert ("nothing to train: this run has finished 2 epochs (--epochs 2)"
+            in " ".join((out / "train.log").read_text().split()))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == names and len(curves.read_metrics(out)) == 2
+    assert_same_weights(read_weights(out / "model" / "model.safetensors"),
+                        read_weights(two_epochs / "model" / "model.safetensors"))
+    capsys.readouterr()
+    assert train_main(tiny(synthetic_store, out, "--epochs", "3")) == 2         # no --resume: a new run
+    assert f"{out}: already holds the checkpoints of a run (newest {names[-1]})" in one_error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------------- no pickle
+
+
+def test_planted_pickles_are_never_loaded(two_epochs, synthetic_store, tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(marker))
+    pickle.loads(payload)
+    assert marker.exists()                                  # the payload does run when something unpickles it
+    marker.unlink()
+
+    out = copy_run(two_epochs, tmp_path / "run")
+    older, newest = ckpt.list_checkpoints(out)
+    for folder in (older, newest):                          # Accelerate's file names beside ours: never opened
+        for name in ACCELERATE_NAMES:
+            (folder / name).write_bytes(payload)
+    own = sorted(p.name for p in newest.iterdir() if p.name not in ACCELERATE_NAMES)
+    assert len(own) == 10 and ckpt.MANIFEST in own
+    for name in own:                                        # each of our files replaced, manifest made to agree
+        keep = (newest / name).read_bytes(), (newest / ckpt.MANIFEST).read_bytes()
+        plant(newest, name, payload)
+        chosen, notes = runstart.pick_checkpoint(out, "auto")
+        assert chosen == older and len(notes) == 1 and f"checkpoint {newest} not used: " in notes[0], name
+        (newest / name).write_bytes(keep[0])
+        (newest / ckpt.MANIFEST).write_bytes(keep[1])
+    assert runstart.pick_checkpoint(out, "auto") == (newest, [])
+
+    for name in [n for n in own if n != ckpt.MANIFEST]:    # end to end, all at once, the manifest agreeing
+        plant(newest, name, payload)
+    assert train_main(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto")) == 0
+    log = (out / "train.log").read_text()
+    assert f"resumed from {older} " in log and f"checkpoint {newest} not used: " in log
+    assert_same_weights(final(out), final(two_epochs))
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- durable, verified
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_ends_as_uninterrupted(two_epochs, synthetic_store,
+                                                                                  tmp_path, damage):
+    out = copy_run(two_epochs, tmp_path / "run")
+    older, newest = ckpt.list_checkpoints(out)
+    if damage == "truncate":
+        f = newest / ckpt.MODEL
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        why = f"{ckpt.MODEL}: {f.stat().st_size} bytes, the manifest says {2 * f.stat().st_size}"
+    else:
+        f = newest / "optimizer.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-3] ^= 0xFF
+        f.write_bytes(bytes(data))
+        why = "optimizer.safetensors: contents differ from the manifest's SHA-256 (corrupted)"
+    assert train_main(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto")) == 0
+    log = (out / "train.log").read_text()
+    assert f"checkpoint {newest} not used: {why}" in log
+    assert f"resuming from {older.name} instead" in log and f"resumed from {older} " in log
+    assert_same_weights(final(out), final(two_epochs))
+    assert [r["epoch"] for r in curves.read_metrics(out)] == [0, 1]
+
+
+def test_kill_9_during_a_save_then_a_rerun_resumes_cleanly(two_epochs, synthetic_store, tmp_path):
+    out = tmp_path / "run"
+    first, second = (p.name for p in ckpt.list_checkpoints(two_epochs))
+    paused = tmp_path / "saving"
+    env = {**os.environ, ckpt.PAUSE_ENV: f"{second}:{paused}"}   # the save of epoch 2 stops after its first file
+    job = subprocess.Popen([sys.executable, TRAIN, *tiny(synthetic_store, out, "--epochs", "2")], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not paused.exists():
+        assert job.poll() is None, job.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "the save never reached the pause"
+        time.sleep(0.2)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    job.stderr.close()
+    partial = out / ckpt.CHECKPOINTS / f"{ckpt.TMP_PREFIX}{second}"
+    assert partial.is_dir() and not (partial / ckpt.MANIFEST).exists()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == [first] and (out / ".lock").exists()
+
+    rerun = subprocess.run([sys.executable, TRAIN, *tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto")],
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    said = " ".join(rerun.stdout.split())
+    assert f"took over a stale lock (pid {job.pid} on {socket.gethostname()}" in said
+    assert f"resumed from {out / ckpt.CHECKPOINTS / first} " in (out / "train.log").read_text()
+    assert not partial.exists() and not (out / ".lock").exists()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == [first, second]
+    assert_same_weights(final(out), final(two_epochs))
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch_two(args: list[str], env: dict[str, str]) -> None:
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), TRAIN,
+           *args, "--dist_timeout_s", "120"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_two_ranks_resume_from_one_checkpoint_and_write_each_file_once(synthetic_store, tmp_path, capsys):
+    out, writes = tmp_path / "ddp", tmp_path / "writes"
+    writes.mkdir()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", ckpt.WRITE_LOG_ENV: str(writes)}
+    _launch_two(tiny(synthetic_store, out, "--epochs", "1"), env)
+    # Rank 1 is made to see no checkpoint at all: it must still resume from the one the main process chose.
+    _launch_two(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto", "--debug_shards", "true"),
+                {**env, ckpt.HIDE_ENV: "1"})
+    first, second = ckpt.list_checkpoints(out)
+    assert f"resumed from {first} " in (out / "train.log").read_text()
+    digests = [json.loads((out / "debug" / f"rank{r}.jsonl").read_text())["weights"] for r in (0, 1)]
+    assert digests[0] == digests[1]                     # same start: same weights after the resumed epoch
+
+    lines = {r: (writes / f"rank{r}.txt").read_text().split() for r in (0, 1)}
+    every = lines[0] + lines[1]
+    assert len(every) == len(set(every))                # no file written twice, by one rank or by two
+    assert sorted(lines[1]) == sorted(f"{c.name}/rng_1.{ext}" for c in (first, second) for ext in ("json",
+                                                                                                   "safetensors"))
+    for folder in (first, second):                      # every file on disk came through exactly one write
+        assert sorted(f"{folder.name}/{p.name}" for p in folder.iterdir()) == sorted(
+            x for x in every if x.startswith(folder.name + "/"))
+        assert json.loads((folder / ckpt.MANIFEST).read_text())["world_size"] == 2
+
+    capsys.readouterr()                                 # one process now: a different effective batch
+    assert train_main(tiny(synthetic_store, out, "--epochs", "3", "--resume", "auto")) == 2
+    assert "effective_batch 8 → 4" in one_error_line(capsys)
