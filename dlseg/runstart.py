@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import atexit
 import copy
+import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +27,7 @@ from accelerate.utils import broadcast
 from dlseg.checkpoint import Parts, clean_incomplete, list_checkpoints, read_identity, verify
 from dlseg.config import to_dict
 from dlseg.errors import ResumeError, UserError
-from dlseg.locks import FolderLock
+from dlseg.locks import FolderLock, short_command
 from dlseg.task import Task
 from dlseg.train_config import IDENTITY_FIELDS, TrainConfig
 
@@ -60,10 +62,35 @@ def main_decides(acc: Accelerator, decide: Callable[[], str]) -> str:
     return text[3:]
 
 
-def hold_run_folder(acc: Accelerator, out: Path) -> FolderLock | None:
+def slurm_run() -> tuple[str, int] | None:
+    """(job tag, restart count) inside a Slurm job: the tag is ``JOBID`` or ``ARRAYJOBID_TASKID``."""
+    env = os.environ
+    job = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+           if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID") else env.get("SLURM_JOB_ID"))
+    return (job, int(env.get("SLURM_RESTART_COUNT") or 0)) if job else None
+
+
+class RunLock(FolderLock):
+    """The run folder's lock; inside Slurm it also takes over the lock of an earlier run of this very job (a
+    requeue may land on another host, and Slurm never runs two incarnations of one job at once)."""
+
+    def __init__(self, folder: Path):
+        self.slurm = slurm_run()
+        tag = f" [slurm job {self.slurm[0]} restart {self.slurm[1]}]" if self.slurm else ""
+        super().__init__(folder, short_command().split(" ")[0] + tag)   # + the option names (locks.short_command)
+
+    def _stale_reason(self, holder, st):
+        m = re.search(r"\[slurm job (\S+) restart (\d+)\]", str((holder or {}).get("command", "")))
+        if self.slurm and m and m.group(1) == self.slurm[0] and int(m.group(2)) < self.slurm[1]:
+            return (f"left by restart {m.group(2)} of this Slurm job {m.group(1)} (pid {holder['pid']} on "
+                    f"{holder['host']}); this is restart {self.slurm[1]}")
+        return super()._stale_reason(holder, st)
+
+
+def hold_run_folder(acc: Accelerator, out: Path) -> RunLock | None:
     """Create the run folder and take its lock (main process; the others wait for its verdict). The caller
     releases it when the run ends; a process that dies holding it leaves a stale lock the next run takes over."""
-    lock = FolderLock(out) if acc.is_main_process else None
+    lock = RunLock(out) if acc.is_main_process else None
 
     def take() -> str:
         out.mkdir(parents=True, exist_ok=True)

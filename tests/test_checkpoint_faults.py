@@ -19,6 +19,7 @@ import pytest
 
 from dlseg import checkpoint as ckpt
 from dlseg import curves, runstart
+from dlseg.errors import UsageError
 from dlseg.train import main as train_main
 from helpers import TINY_RUN, assert_same_weights, read_weights
 
@@ -270,3 +271,27 @@ def test_two_ranks_resume_from_one_checkpoint_and_write_each_file_once(synthetic
     capsys.readouterr()                                 # one process now: a different effective batch
     assert train_main(tiny(synthetic_store, out, "--epochs", "3", "--resume", "auto")) == 2
     assert "effective_batch 8 → 4" in one_error_line(capsys)
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_another_host(tmp_path, monkeypatch):
+    def lock_of(job: str, restart: int) -> None:
+        (tmp_path / ".lock").write_text(json.dumps({"host": "node-that-died", "pid": 4242, "started": "?",
+                                                    "command": f"train.py [slurm job {job} restart {restart}] --out"}))
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    notes: list[str] = []
+    for job, restart, ours in (("77", 0, 0), ("78", 0, 1), ("77", 1, 1)):   # same incarnation, another job, …
+        lock_of(job, restart)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(ours))
+        with pytest.raises(UsageError, match="another host, so its lock is never taken over automatically"):
+            runstart.RunLock(tmp_path).acquire()
+    lock_of("77", 0)                                        # restart 0 of this job, on a host that is gone
+    lock = runstart.RunLock(tmp_path)
+    lock.notice = notes.append
+    lock.acquire()
+    assert notes == [f"{tmp_path}: took over a stale lock (left by restart 0 of this Slurm job 77 (pid 4242 on "
+                     "node-that-died); this is restart 1)"]
+    assert "[slurm job 77 restart 1]" in json.loads((tmp_path / ".lock").read_text())["command"]
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
