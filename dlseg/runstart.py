@@ -47,12 +47,12 @@ def broadcast_text(acc: Accelerator, text: str) -> str:
 
 
 def main_decides(acc: Accelerator, decide: Callable[[], str]) -> str:
-    """``decide()`` on the main process, its result on all; its UserError stops every process (exit 2)."""
+    """``decide()`` on the main process, its result on all; its error stops every process (UserError: exit 2)."""
     text, error = "", None
     if acc.is_main_process:
         try:
             text = "ok:" + decide()
-        except UserError as e:
+        except Exception as e:   # the others must hear of any failure, or they wait in the broadcast below
             error, text = e, "refused"
     text = broadcast_text(acc, text)
     if error is not None:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import pickle
+import random
 import shutil
 import signal
 import socket
@@ -15,11 +16,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from dlseg import checkpoint as ckpt
 from dlseg import curves, runstart
 from dlseg.errors import UsageError
+from dlseg.fileio import write_synced
+from dlseg.statefile import read_state, write_state
 from dlseg.train import main as train_main
 from helpers import TINY_RUN, assert_same_weights, read_weights
 
@@ -295,3 +300,32 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_another_host
     assert "[slurm job 77 restart 1]" in json.loads((tmp_path / ".lock").read_text())["command"]
     lock.release()
     assert not (tmp_path / ".lock").exists()
+
+
+def test_state_files_round_trip_every_kind_of_state_exactly(tmp_path):
+    model = torch.nn.Conv2d(2, 3, 3).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    model(torch.randn(1, 2, 5, 5)).sum().backward()
+    opt.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "odd": {3: (1.5, float("inf")), "n": None}}
+    write_state(tmp_path, "s", state, write_synced)
+    back = read_state(tmp_path, "s")
+    assert back["python"] == state["python"] and isinstance(back["python"][1], tuple)
+    assert back["numpy"][0] == "MT19937" and np.array_equal(back["numpy"][1], state["numpy"][1])
+    assert back["numpy"][1].dtype == state["numpy"][1].dtype and back["numpy"][2:] == state["numpy"][2:]
+    assert torch.equal(back["torch"], state["torch"])
+    assert back["scaler"] == state["scaler"] and back["odd"] == state["odd"]
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    for key, saved in state["optimizer"]["state"].items():           # integer keys, tensors (strided ones too)
+        assert {k: v.tolist() for k, v in back["optimizer"]["state"][key].items()} == {
+            k: v.tolist() for k, v in saved.items()}
+    random.setstate(back["python"])
+    np.random.set_state(back["numpy"])
+    torch.set_rng_state(back["torch"])
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99))
+    fresh.load_state_dict(back["optimizer"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.safetensors"]
+    with pytest.raises(TypeError, match="without pickle"):
+        write_state(tmp_path, "t", {"f": object()}, write_synced)
