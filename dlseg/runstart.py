@@ -31,7 +31,7 @@ from dlseg.locks import FolderLock, short_command
 from dlseg.task import Task
 from dlseg.train_config import IDENTITY_FIELDS, TrainConfig
 
-TEXT_BYTES = 4096      # longest decision text (a checkpoint path) broadcast to the other ranks
+TEXT_BYTES = 4200      # longest decision text broadcast to the other ranks ("ok:" + a path up to PATH_MAX)
 
 
 def broadcast_text(acc: Accelerator, text: str) -> str:

@@ -263,7 +263,7 @@ class Trainer:
         if acc.is_main_process:
             clear_marker(self.out)
         if self.state.epoch >= cfg.epochs:
-            self.log.write(f"nothing to train: this run has finished {self.state.epoch} epochs (--epochs "
+            self.log.write(f"nothing to train: this run has already trained {self.state.epoch} epoch(s) (--epochs "
                            f"{cfg.epochs}); its model is in {self.out / 'model'}; raise --epochs to train longer")
             return False
         if acc.is_main_process:

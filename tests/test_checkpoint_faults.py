@@ -67,6 +67,13 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+def after_epoch_1(ref: Path, dst: Path) -> Path:
+    """A copy of the reference run as it was after epoch 1 (its newest checkpoint removed)."""
+    out = copy_run(ref, dst)
+    shutil.rmtree(ckpt.list_checkpoints(out)[-1])
+    return out
+
+
 class _Payload:
     """Unpickling this creates ``marker`` (what a real attack would do instead: run any code)."""
 
@@ -132,7 +139,7 @@ def test_a_finished_run_says_so_and_a_fresh_start_never_mixes_into_a_used_folder
     out = copy_run(two_epochs, tmp_path / "run")
     names = [p.name for p in ckpt.list_checkpoints(out)]
     assert train_main(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto")) == 0
-    assert ("nothing to train: this run has finished 2 epochs (--epochs 2)"
+    assert ("nothing to train: this run has already trained 2 epoch(s) (--epochs 2)"
             in " ".join((out / "train.log").read_text().split()))
     assert [p.name for p in ckpt.list_checkpoints(out)] == names and len(curves.read_metrics(out)) == 2
     assert_same_weights(read_weights(out / "model" / "model.safetensors"),
@@ -170,46 +177,46 @@ def test_planted_pickles_are_never_loaded(two_epochs, synthetic_store, tmp_path)
 
     for name in [n for n in own if n != ckpt.MANIFEST]:    # end to end, all at once, the manifest agreeing
         plant(newest, name, payload)
-    assert train_main(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto")) == 0
+    assert train_main(tiny(synthetic_store, out, "--epochs", "1", "--resume", "auto")) == 0   # loads, trains nothing
     log = (out / "train.log").read_text()
-    assert f"resumed from {older} " in log and f"checkpoint {newest} not used: " in log
-    assert_same_weights(final(out), final(two_epochs))
+    assert f"checkpoint {newest} not used: " in log and f"resumed from {older} " in log
+    assert "nothing to train: this run has already trained 1 epoch(s) (--epochs 1)" in log
     assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------- durable, verified
 
 
-@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_ends_as_uninterrupted(two_epochs, synthetic_store,
-                                                                                  tmp_path, damage):
+                                                                                  tmp_path):
     out = copy_run(two_epochs, tmp_path / "run")
     older, newest = ckpt.list_checkpoints(out)
-    if damage == "truncate":
-        f = newest / ckpt.MODEL
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-        why = f"{ckpt.MODEL}: {f.stat().st_size} bytes, the manifest says {2 * f.stat().st_size}"
-    else:
-        f = newest / "optimizer.safetensors"
-        data = bytearray(f.read_bytes())
-        data[-3] ^= 0xFF
-        f.write_bytes(bytes(data))
-        why = "optimizer.safetensors: contents differ from the manifest's SHA-256 (corrupted)"
+    f = newest / "optimizer.safetensors"                   # one flipped byte: same size, another hash
+    data = f.read_bytes()
+    f.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
+    assert runstart.pick_checkpoint(out, "auto") == (older, [
+        f"checkpoint {newest} not used: optimizer.safetensors: contents differ from the manifest's SHA-256 "
+        f"(corrupted); resuming from {older.name} instead"])
+    f.write_bytes(data)
+
+    f = newest / ckpt.MODEL                                # truncated: resumed end to end from the one before
+    f.write_bytes(data := f.read_bytes()[: f.stat().st_size // 2])
     assert train_main(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto")) == 0
     log = (out / "train.log").read_text()
-    assert f"checkpoint {newest} not used: {why}" in log
-    assert f"resuming from {older.name} instead" in log and f"resumed from {older} " in log
+    assert (f"checkpoint {newest} not used: {ckpt.MODEL}: {len(data)} bytes, the manifest says {2 * len(data)} "
+            f"(truncated or rewritten); resuming from {older.name} instead") in log
+    assert f"resumed from {older} " in log
     assert_same_weights(final(out), final(two_epochs))
     assert [r["epoch"] for r in curves.read_metrics(out)] == [0, 1]
 
 
-def test_kill_9_during_a_save_then_a_rerun_resumes_cleanly(two_epochs, synthetic_store, tmp_path):
-    out = tmp_path / "run"
+def test_kill_9_during_a_save_then_a_rerun_resumes_cleanly(two_epochs, synthetic_store, tmp_path, capsys):
+    out = after_epoch_1(two_epochs, tmp_path / "run")
     first, second = (p.name for p in ckpt.list_checkpoints(two_epochs))
     paused = tmp_path / "saving"
     env = {**os.environ, ckpt.PAUSE_ENV: f"{second}:{paused}"}   # the save of epoch 2 stops after its first file
-    job = subprocess.Popen([sys.executable, TRAIN, *tiny(synthetic_store, out, "--epochs", "2")], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    argv = tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto")
+    job = subprocess.Popen([sys.executable, TRAIN, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not paused.exists():
         assert job.poll() is None, job.stderr.read().decode()[-2000:]
@@ -222,10 +229,9 @@ def test_kill_9_during_a_save_then_a_rerun_resumes_cleanly(two_epochs, synthetic
     assert partial.is_dir() and not (partial / ckpt.MANIFEST).exists()
     assert [p.name for p in ckpt.list_checkpoints(out)] == [first] and (out / ".lock").exists()
 
-    rerun = subprocess.run([sys.executable, TRAIN, *tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto")],
-                           capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    said = " ".join(rerun.stdout.split())
+    capsys.readouterr()
+    assert train_main(argv) == 0                                       # the rerun: same command
+    said = " ".join(capsys.readouterr().out.split())
     assert f"took over a stale lock (pid {job.pid} on {socket.gethostname()}" in said
     assert f"resumed from {out / ckpt.CHECKPOINTS / first} " in (out / "train.log").read_text()
     assert not partial.exists() and not (out / ".lock").exists()
@@ -250,30 +256,28 @@ def _launch_two(args: list[str], env: dict[str, str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_two_ranks_resume_from_one_checkpoint_and_write_each_file_once(synthetic_store, tmp_path, capsys):
-    out, writes = tmp_path / "ddp", tmp_path / "writes"
+def test_two_ranks_resume_from_one_checkpoint_and_write_each_file_once(two_epochs, synthetic_store, tmp_path,
+                                                                       capsys):
+    out, writes = after_epoch_1(two_epochs, tmp_path / "ddp"), tmp_path / "writes"
+    first = ckpt.list_checkpoints(out)[0]
     writes.mkdir()
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", ckpt.WRITE_LOG_ENV: str(writes)}
-    _launch_two(tiny(synthetic_store, out, "--epochs", "1"), env)
-    # Rank 1 is made to see no checkpoint at all: it must still resume from the one the main process chose.
-    _launch_two(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto", "--debug_shards", "true"),
-                {**env, ckpt.HIDE_ENV: "1"})
-    first, second = ckpt.list_checkpoints(out)
-    assert f"resumed from {first} " in (out / "train.log").read_text()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", ckpt.WRITE_LOG_ENV: str(writes),
+           ckpt.HIDE_ENV: "1"}   # rank 1 sees no checkpoint at all: it must still resume from the main process's
+    _launch_two(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto", "--debug_shards", "true",
+                     "--allow_change", "effective_batch"), env)
+    log = (out / "train.log").read_text()
+    assert f"resumed from {first} " in log and "resume: effective_batch changed 4 → 8 (--allow_change)" in log
     digests = [json.loads((out / "debug" / f"rank{r}.jsonl").read_text())["weights"] for r in (0, 1)]
-    assert digests[0] == digests[1]                     # same start: same weights after the resumed epoch
+    assert digests[0] == digests[1]                     # one start: the same weights after the resumed epoch
 
+    second = ckpt.list_checkpoints(out)[-1]             # written by the two ranks
     lines = {r: (writes / f"rank{r}.txt").read_text().split() for r in (0, 1)}
-    every = lines[0] + lines[1]
-    assert len(every) == len(set(every))                # no file written twice, by one rank or by two
-    assert sorted(lines[1]) == sorted(f"{c.name}/rng_1.{ext}" for c in (first, second) for ext in ("json",
-                                                                                                   "safetensors"))
-    for folder in (first, second):                      # every file on disk came through exactly one write
-        assert sorted(f"{folder.name}/{p.name}" for p in folder.iterdir()) == sorted(
-            x for x in every if x.startswith(folder.name + "/"))
-        assert json.loads((folder / ckpt.MANIFEST).read_text())["world_size"] == 2
+    assert len(lines[0] + lines[1]) == len(set(lines[0] + lines[1]))     # no file written twice
+    assert sorted(lines[1]) == [f"{second.name}/rng_1.json", f"{second.name}/rng_1.safetensors"]
+    assert sorted(lines[0]) == sorted(f"{second.name}/{p.name}" for p in second.iterdir() if "rng_1" not in p.name)
+    assert json.loads((second / ckpt.MANIFEST).read_text())["world_size"] == 2
 
-    capsys.readouterr()                                 # one process now: a different effective batch
+    capsys.readouterr()                                 # back to one process: the effective batch differs again
     assert train_main(tiny(synthetic_store, out, "--epochs", "3", "--resume", "auto")) == 2
     assert "effective_batch 8 → 4" in one_error_line(capsys)
 
