@@ -40,15 +40,37 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, fsync: bool = False
     return atomic_save(path, lambda tmp: tmp.write_bytes(payload), fsync=fsync)
 
 
-def install_dir(tmp: Path, final: Path, aside: Path) -> None:
+def write_synced(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` (inside a folder not yet visible) and fsync it, so a crash cannot leave it short."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (new, renamed, removed names) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def install_dir(tmp: Path, final: Path, aside: Path, fsync: bool = False) -> None:
     """Rename the complete folder ``tmp`` to ``final``; an existing ``final`` is first renamed to ``aside``
-    (same file system) and removed after, so ``final`` is always one whole version."""
+    (same file system) and removed after, so ``final`` is always one whole version. With ``fsync``, ``tmp``'s
+    entries are flushed before the rename and the parent's after it (the files themselves must be flushed already)."""
+    if fsync:
+        fsync_dir(tmp)
     if final.exists():
         os.rename(final, aside)
         os.rename(tmp, final)
         shutil.rmtree(aside, ignore_errors=True)
     else:
         os.rename(tmp, final)
+    if fsync:
+        fsync_dir(final.parent)
 
 
 def hash_file(h: Any, path: str | os.PathLike) -> None:

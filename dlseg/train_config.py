@@ -21,6 +21,9 @@ from dlseg.losses import LossConfig
 from dlseg.model import ModelConfig
 from dlseg.optim import OptimConfig, SchedConfig
 
+# What a checkpoint records of its run; a resume that differs in one is refused unless ``allow_change`` names it.
+IDENTITY_FIELDS = ("store_fingerprint", "labels", "architecture", "loss", "optimizer", "schedule", "effective_batch")
+
 
 @dataclass
 class SyntheticConfig:
@@ -45,6 +48,9 @@ class TrainConfig:
     dist_timeout_s: int = option("collective timeout (s): a dead or stuck rank makes the others exit", 1800)
     resume: str | None = option("auto (the newest checkpoint in --out, else a fresh start) or a checkpoint folder",
                                 None)
+    allow_change: list[str] = option(
+        "resume even though these fields of the run's identity changed (comma-separated: store_fingerprint, labels, "
+        "architecture, loss, optimizer, schedule, effective_batch, or a key such as optimizer.lr)", default_factory=list)
     loader: DataConfig = option("data pipeline", default_factory=DataConfig)
     model: ModelConfig = option("model architecture", default_factory=ModelConfig)
     loss: LossConfig = option("training loss", default_factory=LossConfig)
@@ -85,6 +91,10 @@ def check_config(cfg: TrainConfig) -> None:
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     check_trackers(cfg.trackers)
+    for name in cfg.allow_change:
+        if name.split(".")[0] not in IDENTITY_FIELDS:
+            raise ConfigError(f"allow_change: {name!r} is not a field of the run's identity "
+                              f"({', '.join(IDENTITY_FIELDS)})")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
         raise ConfigError(f"resume: {cfg.resume}: no checkpoint folder here (or use 'auto')")
     if cfg.data is not None and not Path(cfg.data).exists():

@@ -1,9 +1,10 @@
 """The training loop: Accelerate, validation each epoch, checkpoints, exact resume and preemption.
 
 One code path for one CPU, one GPU, N GPUs or many nodes (``accelerate launch``): a single ``prepare`` of model,
-optimizer, both loaders and scheduler; ``accumulate`` / ``backward`` / ``clip_grad_norm_``; ``save_state`` /
-``load_state`` with the loop position in a :class:`~dlseg.checkpoint.TrainState` registered for checkpointing;
-``skip_first_batches`` for a mid-epoch resume.
+optimizer, both loaders and scheduler; ``accumulate`` / ``backward`` / ``clip_grad_norm_``; checkpoints without
+pickle (:mod:`dlseg.checkpoint`) with the loop position in a :class:`~dlseg.checkpoint.TrainState`; the run folder's
+lock, identity check and one resume choice for all ranks (:mod:`dlseg.runstart`); ``skip_first_batches`` for a
+mid-epoch resume.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 
 from dlseg import checkpoint as ckpt
-from dlseg import curves
+from dlseg import curves, runstart
 from dlseg.augment import BatchAugment, SampleTransform, invariances
 from dlseg.config import save_yaml, to_dict
 from dlseg.console import console, make_progress
@@ -97,9 +98,7 @@ class Trainer:
         with acc.local_main_process_first():
             self.store_path = Path(cfg.data) if cfg.data else ensure_synthetic(cfg)
         self.task = read_task(Store(self.store_path), cfg.loader)   # refuses an unusable store before any output
-        if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
+        self.lock = runstart.hold_run_folder(acc, self.out)   # one job per run folder, before anything is written
         self.log = RunLog(acc.is_main_process, self.out / "train.log")
         set_seed(cfg.seed)
         self.arch = arch_dict(cfg.model, 2 * cfg.loader.context_slices + 1, self.task.num_classes)
@@ -119,7 +118,8 @@ class Trainer:
             model, optimizer, train_dl, val_dl, scheduler)
         uneven_shards(self.val_dl)
         self.state = ckpt.TrainState()                 # loop position and best model, saved with each checkpoint
-        acc.register_for_checkpointing(self.state)
+        self.parts = ckpt.Parts(self.model, self.optimizer, self.scheduler)
+        self.identity = runstart.run_identity(cfg, self.task, self.arch, acc.num_processes)
         self.preempt = PreemptFlag()
         self.totals = RunTotals()                      # throughput over this session's epochs
         self.shard_log: list[list[str]] = []           # --debug_shards: slice ids of this epoch's batches
@@ -128,7 +128,8 @@ class Trainer:
     # ---- the loop ----
     def fit(self) -> int:
         """Train until ``cfg.epochs``; 0 when done, EXIT_PREEMPTED after a signal."""
-        self._start()
+        if not self._start():
+            return 0
         self.preempt.install()
         try:
             for epoch in range(self.state.epoch, self.cfg.epochs):
@@ -256,13 +257,18 @@ class Trainer:
         self._record(epoch, row)
 
     # ---- around the loop ----
-    def _start(self) -> None:
-        """Save the config, resume, start the trackers and say what runs where."""
+    def _start(self) -> bool:
+        """Resume, save the config, start the trackers and say what runs where; False when nothing is left to do."""
         acc, cfg = self.accelerator, self.cfg
+        self._resume()
+        if acc.is_main_process:
+            clear_marker(self.out)
+        if self.state.epoch >= cfg.epochs:
+            self.log.write(f"nothing to train: this run has already trained {self.state.epoch} epoch(s) (--epochs "
+                           f"{cfg.epochs}); its model is in {self.out / 'model'}; raise --epochs to train longer")
+            return False
         if acc.is_main_process:
             save_yaml(cfg, self.out / "config.yaml")
-            clear_marker(self.out)
-        self._resume()
         if cfg.trackers:
             acc.init_trackers(self.out.name, config=flat_config(to_dict(cfg)))
         self.log.write(
@@ -270,6 +276,7 @@ class Trainer:
             f"mixed precision {acc.mixed_precision}, {self.threads} CPU threads/process); store {self.store_path}; "
             f"{len(self.train_dataset)} train / {len(self.val_dataset)} val slices; "
             f"{self.task.labels} ({self.task.num_classes} output(s))")
+        return True
 
     def _inputs(self, epoch: int, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's image and mask as the model takes them (device augmentation, memory format)."""
@@ -309,17 +316,17 @@ class Trainer:
     def _resume(self) -> None:
         """Load the checkpoint ``--resume`` names (or the newest), and drop metric records it will redo."""
         acc = self.accelerator
-        if acc.is_main_process:
-            ckpt.clean_incomplete(self.out)
-        acc.wait_for_everyone()
-        path = ckpt.find_resume(self.out, self.cfg.resume)
+        fresh = runstart.fresh_hyperparameters(self.parts)
+        path, changed = runstart.choose_checkpoint(acc, self.cfg, self.identity, self.log.write)
         if path is None:
             if self.cfg.resume == "auto":
                 self.log.write("resume auto: no checkpoint yet, starting fresh")
             if acc.is_main_process:
                 curves.truncate_metrics(self.out, 0)
             return
-        acc.load_state(str(path))
+        ckpt.load_checkpoint(acc, path, self.state, self.parts)
+        if changed & {"optimizer", "schedule"}:
+            runstart.apply_hyperparameters(self.parts, fresh, self.state.epoch)
         self.log.write(f"resumed from {path} (epoch {self.state.epoch + 1}, batch {self.state.step_in_epoch}, "
                        f"step {self.state.global_step})")
         if acc.is_main_process:
@@ -327,7 +334,7 @@ class Trainer:
 
     def _save(self, reason: str) -> Path:
         """Checkpoint now (all processes) and rotate old ones (main)."""
-        path = ckpt.save_checkpoint(self.accelerator, self.out, self.state.global_step)
+        path = ckpt.save_checkpoint(self.accelerator, self.out, self.state, self.identity, self.parts)
         if self.accelerator.is_main_process:
             ckpt.rotate(self.out, self.cfg.keep_last, keep=self.state.best_checkpoint)
         self.log.write(f"checkpoint {path.name} ({reason})", echo=False)
@@ -367,4 +374,9 @@ class Trainer:
 
 def run(cfg: TrainConfig) -> int:
     """Train as configured; returns the exit status (0, EXIT_PREEMPTED)."""
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.lock is not None:
+            trainer.lock.release()

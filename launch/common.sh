@@ -38,6 +38,12 @@ dlseg_job_tag() {
     fi
 }
 
+dlseg_run_folder() {
+    # dlseg_run_folder NAME: the default run folder runs/NAME-<job tag>: one per job (or array task), so two jobs
+    # never share checkpoints, and the same across the job's requeues (Slurm keeps the job id), so it resumes.
+    echo "runs/$1-$(dlseg_job_tag)"
+}
+
 dlseg_log_to() {
     # dlseg_log_to DIR: send all further output of this shell to DIR/slurm-<job>-restart<N>.log.
     local dir=$1 file

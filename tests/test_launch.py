@@ -300,3 +300,41 @@ def test_gpu_check_refuses_without_cuda_in_one_line(tmp_path):
     for args in ([], [str(tmp_path / "a"), str(tmp_path / "b")]):
         r = subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True, timeout=30)
         assert (r.returncode, r.stderr.strip()) == (2, "usage: launch/gpu_check.sh OUT_DIR")
+
+
+@pytest.mark.parametrize("script", ["train.sbatch", "train_multinode.sbatch"])
+def test_default_run_folder_is_one_per_job_and_stable_across_requeues(script, tmp_path):
+    """Without RUN, two jobs of one name get two folders; a requeue (same job id) and an array task keep theirs."""
+    root = tmp_path / "checkout"
+    for sub in ("launch", "accelerate_configs"):
+        shutil.copytree(REPO / sub, root / sub)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / ("accelerate" if script == "train.sbatch" else "srun")
+    fake.write_text('#!/bin/sh\necho "$@" >> "$DLSEG_FAKE_ARGS"\n')
+    fake.chmod(0o755)
+    if script != "train.sbatch":
+        for name, body in (("accelerate", "exit 0"), ("scontrol", "echo n1")):
+            (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+            (bin_dir / name).chmod(0o755)
+    strip = ("SLURM_", "RUN")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(strip)}
+    base.update(PATH=f"{bin_dir}:{os.environ['PATH']}", DLSEG_ROOT=str(root), SLURM_JOB_NAME="sweep",
+                SLURM_NNODES="1", SLURM_JOB_NODELIST="n1")
+
+    def out_folder(**slurm: str) -> str:
+        args = tmp_path / "args.txt"
+        args.unlink(missing_ok=True)
+        env = {**base, **slurm, "DLSEG_FAKE_ARGS": str(args)}
+        r = subprocess.run(["bash", str(root / "launch" / script)], env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        words = args.read_text().split()
+        return words[words.index("--out") + 1]
+
+    assert out_folder(SLURM_JOB_ID="4242") == "runs/sweep-4242"
+    assert out_folder(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="3") == "runs/sweep-4242"     # requeued: same
+    assert out_folder(SLURM_JOB_ID="4243") == "runs/sweep-4243"                              # another job
+    assert out_folder(SLURM_JOB_ID="503", SLURM_ARRAY_JOB_ID="500", SLURM_ARRAY_TASK_ID="3") == "runs/sweep-500_3"
+    assert out_folder(SLURM_JOB_ID="4244", RUN="runs/mine") == "runs/mine"                   # RUN wins
+    assert (root / "runs" / "sweep-4242").is_dir() and (root / "runs" / "sweep-500_3").is_dir()
