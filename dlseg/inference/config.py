@@ -12,7 +12,7 @@ from dlseg.config import option
 from dlseg.errors import ConfigError
 from dlseg.sources.masks import GRAY_VALUES
 
-FORMATS = ("png", "npz", "nifti")
+FORMATS = ("png", "npz", "nifti", "dicom-seg")
 INPUT_KINDS = ("auto", "chaos", "dicom", "store")
 PRECISIONS = ("no", "fp16", "bf16")     # autocast dtypes (predictor.AMP_DTYPES); this module stays torch-free
 # A large batch falls out of a CPU's caches, and loader processes there only take cores from the forward pass.
@@ -28,6 +28,8 @@ class PredictConfig:
     input: str = option("CHAOS tree, any DICOM folder tree, or a dlseg Zarr store (required)", "")
     out: str = option("output folder: one sub-folder per case + summary.csv/json (required)", "")
     input_kind: str = option("what --input is", "auto", choices=INPUT_KINDS)
+    source_root: str | None = option("store input: the folder it was preprocessed from (--format dicom-seg "
+                                     "references those DICOM files)", None)
     split: str | None = option("store input: train | val | unlabeled | all", None, default_help="all")
     batch_size: int = option("slices per forward pass, packed across cases", 0,
                              default_help=f"{ACCELERATOR_BATCH} on a GPU, {CPU_BATCH} on a CPU")

@@ -4,6 +4,7 @@
     OUT/<case>/sources.json         PNG name → source file (relative to the input)
     OUT/<case>/prediction.npz       key ``mask``: (Z, H, W) uint8 class labels (liver = 1)
     OUT/<case>/prediction.nii.gz    labels as (x, y, z) uint8, RAS affine from the DICOM geometry
+    OUT/<case>/segmentation.dcm     DICOM Segmentation referencing the source slices (dicom_seg)
     OUT/<case>/overlays/*.png       image | ground truth (when known) | prediction
     OUT/<case>/record.json          written last: a folder with a record is complete
     OUT/.failed/<case>.json         the reason a case failed
@@ -27,6 +28,7 @@ import numpy as np
 
 from dlseg.errors import CaseError, one_line
 from dlseg.fileio import atomic_write, install_dir
+from dlseg.inference import dicom_seg
 from dlseg.inference.config import Shard
 from dlseg.sources.masks import GRAY_VALUES
 
@@ -166,6 +168,7 @@ class CaseOutput:
     image: np.ndarray | None = None        # scanner volume, for overlays
     truth: np.ndarray | None = None        # ground-truth labels, for overlays (when known)
     stats: dict[str, float] | None = None  # intensity statistics, for the overlay window
+    dicom_files: list[str] | None = None   # source DICOM files, for --format dicom-seg
 
 
 def case_record(case: CaseOutput, seconds: float, provenance: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +189,8 @@ def case_record(case: CaseOutput, seconds: float, provenance: dict[str, Any]) ->
     return record
 
 
-def _write_files(folder: Path, case: CaseOutput, formats: Iterable[str], overlays: bool, label_value: int) -> None:
+def _write_files(folder: Path, case: CaseOutput, formats: Iterable[str], overlays: bool, label_value: int,
+                 model_fingerprint: str = "") -> None:
     """Every file of a case folder except its record."""
     names = slice_names(case.labels.shape[0])
     if "png" in formats:
@@ -198,6 +202,9 @@ def _write_files(folder: Path, case: CaseOutput, formats: Iterable[str], overlay
         np.savez_compressed(folder / NPZ, **{NPZ_KEY: case.labels})
     if "nifti" in formats:
         write_nifti(folder / NIFTI, case.labels, case.geometry)
+    if "dicom-seg" in formats:
+        dicom_seg.write_seg(folder / dicom_seg.SEG_FILE, case.labels, case.num_classes, case.dicom_files or [],
+                            model_fingerprint)
     if overlays:
         (folder / OVERLAYS).mkdir()
         for i, name in enumerate(names):
@@ -212,7 +219,7 @@ def write_case(out: Path, case: CaseOutput, formats: Iterable[str], overlays: bo
     tmp = out / f"{TMP_PREFIX}{case.case_id}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir(parents=True)
     try:
-        _write_files(tmp, case, formats, overlays, label_value)
+        _write_files(tmp, case, formats, overlays, label_value, provenance.get("model_fingerprint", ""))
         record = case_record(case, time.perf_counter() - started + load_s, provenance)
         (tmp / RECORD).write_text(json.dumps(record, indent=1))   # last: a folder with a record is complete
         final = out / case.case_id

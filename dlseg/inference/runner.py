@@ -33,7 +33,7 @@ from accelerate.utils import broadcast_object_list, gather_object, parse_flag_fr
 from dlseg.console import console, make_progress
 from dlseg.distributed import check_launch
 from dlseg.errors import CaseError, ConfigError, StoreError, UsageError
-from dlseg.inference import outputs, records
+from dlseg.inference import dicom_seg, outputs, records
 from dlseg.inference.config import PredictConfig, Shard
 from dlseg.inference.inputs import CaseSpec, case_loader, failure_reason, find_cohort
 from dlseg.inference.predictor import Predictor, context_inputs
@@ -163,10 +163,12 @@ class CohortRunner:
         """Writer thread: post-process and write a case, or note its failure."""
         spec, item, cfg = a.item["spec"], a.item, self.cfg
         try:
+            seg_files = (dicom_seg.source_files(spec.kind, spec.root, spec.case_id, spec.files, cfg.source_root)
+                         if "dicom-seg" in cfg.formats else None)
             case = outputs.CaseOutput(
                 spec.case_id, self.predictor.labels_from_probs(a.probs, item["mapping"]),
                 self.predictor.num_classes, item["sources"], item["geometry"], item["image"], item["truth"],
-                item["stats"])
+                item["stats"], seg_files)
             rec = outputs.write_case(self.out, case, cfg.formats, cfg.overlays, cfg.label_value,
                                      self.ident.provenance(spec.fingerprint, cfg.formats), a.started,
                                      item["load_s"])
@@ -198,6 +200,8 @@ def make_plan(cfg: PredictConfig, meta: dict[str, Any], out: Path, ident: RunIde
     try:
         shard = cfg.shard_part()
         cohort = find_cohort(cfg.input, cfg.input_kind, cfg.split, meta)
+        if "dicom-seg" in cfg.formats:
+            dicom_seg.check_input(cohort.kind, cfg.source_root)
         out.mkdir(parents=True, exist_ok=True)
     except (ConfigError, UsageError, StoreError, CaseError, OSError) as e:
         return {"error": str(e)}
