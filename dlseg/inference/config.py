@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dlseg.config import option
+from dlseg.inference.case_flags import FlagConfig
 from dlseg.errors import ConfigError
 from dlseg.sources.masks import GRAY_VALUES
 
@@ -46,6 +47,10 @@ class PredictConfig:
     overlays: bool = option("overlays/ PNGs: image | ground truth | prediction", False)
     label_value: int = option("binary models: PNG gray value of the liver", GRAY_VALUES["MR"][1])
     mixed_precision: str = option("autocast dtype", "no", choices=PRECISIONS)
+    report: bool = option("write OUT/report.html (cohort table, flags, thumbnails, volume histogram)", True,
+                          flag="--no-report", const=False)
+    flags: FlagConfig = option("rules that flag implausible cases (summary.csv, report.html)",
+                               default_factory=FlagConfig)
     shard: str | None = option("I/N: predict only cases[I::N] of the cohort (job array task I of N, 0 ≤ I < N); "
                                "tasks share --out and each writes summary-shard-I-of-N.csv/json", None)
 
