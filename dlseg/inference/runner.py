@@ -168,7 +168,8 @@ class CohortRunner:
             labels = self.predictor.labels_from_probs(a.probs, item["mapping"])
             measures = case_flags.measure(labels, case_flags.mean_foreground_probability(
                 a.probs, self.predictor.threshold))
-            thumbs = report_html.thumbnail_strip(item["image"], labels, item["stats"]) if cfg.report else None
+            thumbs = (report_html.thumbnail_strip(item["image"], labels, item["stats"])
+                      if cfg.report and item["image"] is not None else None)
             case = outputs.CaseOutput(spec.case_id, labels, self.predictor.num_classes, item["sources"],
                                       item["geometry"], item["image"] if cfg.overlays else None, item["truth"],
                                       item["stats"], seg_files, measures, thumbs)
