@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dlseg.config import option
-from dlseg.inference.case_flags import FlagConfig
 from dlseg.errors import ConfigError
+from dlseg.inference.case_flags import FlagConfig
 from dlseg.sources.masks import GRAY_VALUES
 
 FORMATS = ("png", "npz", "nifti", "dicom-seg")
