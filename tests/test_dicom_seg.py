@@ -162,6 +162,15 @@ def test_predict_writes_seg_for_chaos_and_store(t1_model, synthetic_root, synthe
         assert_frames_match(out / cid / dicom_seg.SEG_FILE, files, labels)
     assert dciodvfy_errors(out / cases[0] / dicom_seg.SEG_FILE) == []
 
+    series = synthetic_root / "Train_Sets" / "MR" / "1" / "T1DUAL" / "DICOM_anon" / "InPhase"   # as a DICOM tree
+    dicom_out = tmp_path / "dicom-pred"
+    assert predict_main(["--model", str(t1_model), "--input", str(series), "--input-kind", "dicom", "--out",
+                         str(dicom_out), "--format", "npz,dicom-seg", "--no-report"]) == 0
+    (cid,) = outputs.prediction_cases(dicom_out)
+    files = sorted(series.iterdir(), key=lambda f: float(pydicom.dcmread(f).ImagePositionPatient[2]))
+    labels = outputs.read_labels(dicom_out / cid)
+    assert_frames_match(dicom_out / cid / dicom_seg.SEG_FILE, files, labels)
+
     refused = tmp_path / "refused"
     capsys.readouterr()
     assert predict_main(["--model", str(t1_model), "--input", str(synthetic_store), "--out", str(refused),
