@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -176,6 +177,12 @@ def test_predict_writes_seg_for_chaos_and_store(t1_model, synthetic_root, synthe
     assert predict_main(["--model", str(t1_model), "--input", str(synthetic_store), "--out", str(refused),
                          "--format", "dicom-seg"]) == 2
     assert "name that folder with --source-root" in capsys.readouterr().err
+    lost = tmp_path / "lost"
+    (tmp_path / "elsewhere").mkdir()
+    assert predict_main(["--model", str(t1_model), "--input", str(synthetic_store), "--out", str(lost),
+                         "--format", "dicom-seg", "--source-root", str(tmp_path / "elsewhere"), "--split", "val"]) == 1
+    reasons = [r["reason"] for r in json.loads((lost / "summary.json").read_text())["cases"]]
+    assert len(reasons) == 2 and all(r.endswith("not found under --source-root (DICOM-SEG)") for r in reasons)
     store_out = tmp_path / "store-pred"
     assert predict_main(["--model", str(t1_model), "--input", str(synthetic_store), "--out", str(store_out),
                          "--format", "npz,dicom-seg", "--source-root", str(synthetic_root), "--split", "val"]) == 0
