@@ -79,30 +79,29 @@ def source_files(kind: str, root: str, case_id: str, files: Sequence[str], sourc
 def source_headers(files: Sequence[Path], shape: tuple[int, int, int]) -> list[pydicom.Dataset]:
     """Headers of the image slices among ``files`` (non-images skipped, as the reader does), checked against
     the label volume's shape."""
-    headers = []
-    for path in files:
-        ds = _header(path)
-        if is_image(ds, need_pixels=False):
-            headers.append(ds)
+    slices = [(path, ds) for path, ds in ((p, _header(p)) for p in files) if is_image(ds, need_pixels=False)]
     z, h, w = shape
-    if len(headers) != z:
-        raise CaseError(Path(files[0]).parent, f"{len(headers)} source slices for {z} predicted slices (DICOM-SEG)")
-    for path, ds in zip(files, headers):
+    if len(slices) != z:
+        raise CaseError(Path(files[0]).parent, f"{len(slices)} source slices for {z} predicted slices (DICOM-SEG)")
+    for path, ds in slices:
         if (int(ds.Rows), int(ds.Columns)) != (h, w):
             raise CaseError(path, f"slice is {ds.Rows}x{ds.Columns}, the prediction {h}x{w} (DICOM-SEG)")
         for tag in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "ImagePositionPatient",
                     "ImageOrientationPatient", "PixelSpacing"):
             if tag not in ds:
                 raise CaseError(path, f"source slice has no {tag}; a DICOM-SEG cannot reference it")
-    return headers
+    return [ds for _, ds in slices]
 
 
 def _header(path: Path) -> pydicom.Dataset:
     """Every attribute of a slice except its pixel data (highdicom copies the patient and study modules)."""
-    read_dataset(path, header_only=True)    # a one-line CaseError naming the file when unreadable
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:
+        read_dataset(path, header_only=True)    # raises the one-line CaseError naming the file and the reason
+        raise
     for keyword in TYPE2_COPIED:
         if keyword not in ds:
             setattr(ds, keyword, "")

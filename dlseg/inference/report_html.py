@@ -70,7 +70,7 @@ def histogram_svg(volumes: list[float], cfg: FlagConfig, width: int = 520, heigh
         return '<p class="muted">no predicted volumes</p>'
     lo, hi = 0.0, max(max(volumes), cfg.liver_max_ml) * 1.05
     counts, edges = np.histogram(volumes, bins=20, range=(lo, hi))
-    x = lambda v: 30 + (width - 40) * (v - lo) / (hi - lo)          # noqa: E731
+    x = lambda v: 30 + (width - 70) * (v - lo) / (hi - lo)          # noqa: E731  (room for the last label)
     top = max(int(counts.max()), 1)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 30}" role="img" '
              f'aria-label="histogram of liver volumes">',
