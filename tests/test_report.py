@@ -27,11 +27,10 @@ def test_measures_of_a_label_volume():
     labels[5, 0, 0] = 2                    # another organ touching the last slice: not liver
     m = case_flags.measure(labels, 0.8123456)
     assert m == {"components": 2, "largest_share": round(192 / 200, 4), "mean_probability": 0.8123,
-                 "cut_off": ""}
-    labels[0, 5, 5] = 1
-    assert case_flags.cut_off(labels == 1) == "first"
-    labels[5, 5, 5] = 1
-    assert case_flags.cut_off(labels == 1) == "both"
+                 "first_slice_share": 0.0, "last_slice_share": 0.0}
+    labels[0, 5, 5] = 1                    # one voxel on the first slice; the largest slice holds 64 + 8
+    labels[5, 2:8, 2:8] = 1                # 36 on the last
+    assert case_flags.end_slice_shares(labels == 1) == (pytest.approx(1 / 72), pytest.approx(36 / 72))
     assert case_flags.components(np.zeros((2, 3, 3), bool)) == (0, None)
 
 
@@ -49,17 +48,18 @@ def test_mean_foreground_probability():
 def test_rules_fire_with_their_reason():
     cfg = FlagConfig()
     ok = {"status": "predicted", "liver_volume_ml": 1500.0, "components": 1, "largest_share": 1.0,
-          "mean_probability": 0.95, "cut_off": ""}
+          "mean_probability": 0.95, "first_slice_share": 0.05, "last_slice_share": 0.0}
     assert case_flags.rules_fired(ok, cfg) == []
     assert case_flags.rules_fired({**ok, "liver_volume_ml": 0.0}, cfg) == ["empty prediction (no liver)"]
     bad = {**ok, "liver_volume_ml": 4100.4, "components": 3, "largest_share": 0.62, "mean_probability": 0.55,
-           "cut_off": "last"}
+           "last_slice_share": 0.4}
     assert case_flags.rules_fired(bad, cfg) == [
         "liver 4100 mL > 3500 mL", "largest piece 62% of 3 < 90%", "mean probability 0.55 < 0.7",
         "liver on the last slice (cut off?)"]
     assert case_flags.rules_fired({**ok, "liver_volume_ml": 250.0}, cfg) == ["liver 250 mL < 600 mL"]
-    assert case_flags.rules_fired({**bad, "cut_off": "both"}, cfg)[-1] == "liver on the first and last slices (cut off?)"
-    assert case_flags.rules_fired({**bad, "cut_off": "both"}, FlagConfig(cut_off=False))[-1].startswith("mean")
+    both = {**bad, "first_slice_share": 0.1}
+    assert case_flags.rules_fired(both, cfg)[-1] == "liver on the first and last slices (cut off?)"
+    assert case_flags.rules_fired(both, FlagConfig(cut_off_share=1.5))[-1].startswith("mean")
     rows = [bad, ok, {"case_id": "x", "status": "failed", "liver_volume_ml": None}]
     assert case_flags.flag_rows(rows, cfg) == 1 and rows[1]["flags"] == "" and rows[2]["flags"] == ""
 
@@ -100,10 +100,10 @@ def test_summary_measures_match_the_labels(predicted):
         liver = labels == 1
         _, n = ndimage.label(liver, structure=np.ones((3, 3, 3), bool))
         assert int(row["components"]) == n
-        assert row["cut_off"] == {(True, True): "both", (True, False): "first", (False, True): "last"}.get(
-            (bool(liver[0].any()), bool(liver[-1].any())), "")
-        fired = case_flags.rules_fired({**row, **{k: float(row[k]) if row[k] else None for k in
-                                                  ("liver_volume_ml", "largest_share", "mean_probability")}},
+        areas = liver.sum(axis=(1, 2))
+        assert float(row["last_slice_share"]) == pytest.approx(areas[-1] / max(areas.max(), 1), abs=1e-4)
+        numbers = ("liver_volume_ml", "largest_share", "mean_probability", "first_slice_share", "last_slice_share")
+        fired = case_flags.rules_fired({**row, **{k: float(row[k]) if row[k] else None for k in numbers}},
                                        FlagConfig())
         assert row["flags"] == "; ".join(fired)
         assert (out / row["case_id"] / outputs.THUMBNAILS).is_file()
@@ -113,7 +113,7 @@ def test_changed_rules_reuse_every_case(predicted, synthetic_root, capsys):
     run, out = predicted
     capsys.readouterr()
     assert predict_main(["--model", str(run), "--input", str(synthetic_root), "--out", str(out), "--format", "npz",
-                         "--flags.liver-min-ml", "0", "--flags.liver-max-ml", "0.5", "--flags.cut-off", "false",
+                         "--flags.liver-min-ml", "0", "--flags.liver-max-ml", "0.5", "--flags.cut-off-share", "2",
                          "--flags.min-mean-probability", "0", "--flags.min-largest-share", "0"]) == 0
     rows = read_summary(out)
     assert {r["status"] for r in rows} == {"reused"}

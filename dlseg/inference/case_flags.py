@@ -15,7 +15,7 @@ from scipy import ndimage
 from dlseg.config import option
 
 LIVER = 1                                   # the liver's class label (outputs.LIVER)
-MEASURE_FIELDS = ("components", "largest_share", "mean_probability", "cut_off")
+MEASURE_FIELDS = ("components", "largest_share", "mean_probability", "first_slice_share", "last_slice_share")
 
 
 @dataclass
@@ -26,7 +26,8 @@ class FlagConfig:
     liver_max_ml: float = option("largest plausible liver volume (mL)", 3500.0)
     min_largest_share: float = option("the largest connected piece holds at least this share of the liver", 0.9)
     min_mean_probability: float = option("mean probability over the predicted foreground at least", 0.7)
-    cut_off: bool = option("flag liver on the first or last slice (the scan may cut the liver off)", True)
+    cut_off_share: float = option("flag liver on the first or last slice covering at least this share of the "
+                                  "largest liver slice: the scan may cut the liver off (above 1: never)", 0.1)
 
 
 def components(mask: np.ndarray) -> tuple[int, float | None]:
@@ -38,10 +39,11 @@ def components(mask: np.ndarray) -> tuple[int, float | None]:
     return int(n), float(sizes.max() / sizes.sum())
 
 
-def cut_off(mask: np.ndarray) -> str:
-    """Which end slices of the volume hold liver: ``first``, ``last``, ``both`` or ``""``."""
-    first, last = bool(mask[0].any()), bool(mask[-1].any())
-    return {(True, True): "both", (True, False): "first", (False, True): "last"}.get((first, last), "")
+def end_slice_shares(mask: np.ndarray) -> tuple[float, float]:
+    """Liver area on the first and on the last slice as a share of the largest slice's (0 when empty)."""
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    top = max(int(areas.max(initial=0)), 1)
+    return float(areas[0] / top), float(areas[-1] / top)
 
 
 def mean_foreground_probability(probs: np.ndarray, threshold: float) -> float | None:
@@ -59,9 +61,10 @@ def measure(labels: np.ndarray, mean_probability: float | None) -> dict[str, Any
     """The record's ``measures`` of a (Z, H, W) label volume."""
     liver = labels == LIVER
     n, share = components(liver)
+    first, last = end_slice_shares(liver)
     return {"components": n, "largest_share": None if share is None else round(share, 4),
             "mean_probability": None if mean_probability is None else round(mean_probability, 4),
-            "cut_off": cut_off(liver)}
+            "first_slice_share": round(first, 4), "last_slice_share": round(last, 4)}
 
 
 def rules_fired(row: dict[str, Any], cfg: FlagConfig) -> list[str]:
@@ -82,9 +85,10 @@ def rules_fired(row: dict[str, Any], cfg: FlagConfig) -> list[str]:
     prob = row.get("mean_probability")
     if prob is not None and prob < cfg.min_mean_probability:
         out.append(f"mean probability {prob:.2f} < {cfg.min_mean_probability:g}")
-    if cfg.cut_off and row.get("cut_off"):
-        where = "first and last slices" if row["cut_off"] == "both" else f"{row['cut_off']} slice"
-        out.append(f"liver on the {where} (cut off?)")
+    ends = [name for name in ("first", "last")
+            if row.get(f"{name}_slice_share") is not None and row[f"{name}_slice_share"] >= cfg.cut_off_share]
+    if ends:
+        out.append(f"liver on the {' and '.join(ends)} slice{'s' if len(ends) == 2 else ''} (cut off?)")
     return out
 
 

@@ -23,7 +23,7 @@ REPORT = "report.html"
 THUMB_SLICES, THUMB_HEIGHT = 5, 96
 COLUMNS = (("case_id", "case"), ("status", "status"), ("flags", "flags"), ("liver_volume_ml", "liver mL"),
            ("components", "pieces"), ("largest_share", "largest"), ("mean_probability", "mean prob."),
-           ("cut_off", "end slices"), ("slices", "slices"))
+           ("first_slice_share", "on 1st slice"), ("last_slice_share", "on last slice"), ("slices", "slices"))
 
 STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.4em}
 table{border-collapse:collapse}th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:middle}
@@ -92,7 +92,7 @@ def _cell(key: str, value: Any) -> str:
     if value is None or value == "":
         return '<td data-v=""></td>'
     if isinstance(value, float):
-        shown = f"{100 * value:.0f}%" if key == "largest_share" else f"{value:.2f}" if key == "mean_probability" \
+        shown = f"{100 * value:.0f}%" if key.endswith("_share") else f"{value:.2f}" if key == "mean_probability" \
             else f"{value:.0f}"
         return f'<td class="num" data-v="{value}">{shown}</td>'
     if isinstance(value, int):
