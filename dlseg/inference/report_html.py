@@ -28,7 +28,7 @@ COLUMNS = (("case_id", "case"), ("status", "status"), ("flags", "flags"), ("live
 STYLE = """body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.4em}
 table{border-collapse:collapse}th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:middle}
 th{cursor:pointer;background:#f3f3f3;user-select:none}th:hover{background:#e4e4e4}
-tr.flagged td{background:#fff4d6}tr.failed td{background:#fde2e2}td.num{text-align:right}
+td:first-child{white-space:nowrap}tr.flagged td{background:#fff4d6}tr.failed td{background:#fde2e2}td.num{text-align:right}
 td img{height:64px;image-rendering:pixelated}.muted{color:#888}svg text{font-size:11px}"""
 
 SCRIPT = """document.querySelectorAll('th').forEach(function (th, col) {
