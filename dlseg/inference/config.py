@@ -11,10 +11,11 @@ from typing import Any
 
 from dlseg.config import option
 from dlseg.errors import ConfigError
+from dlseg.inference.case_flags import FlagConfig
 from dlseg.sources.masks import GRAY_VALUES
 from dlseg.sources.series_select import MIN_SLICES
 
-FORMATS = ("png", "npz", "nifti")
+FORMATS = ("png", "npz", "nifti", "dicom-seg")
 INPUT_KINDS = ("auto", "chaos", "dicom", "store", "nifti")
 PRECISIONS = ("no", "fp16", "bf16")     # autocast dtypes (predictor.AMP_DTYPES); this module stays torch-free
 # A large batch falls out of a CPU's caches, and loader processes there only take cores from the forward pass.
@@ -34,6 +35,8 @@ class PredictConfig:
                         "(imagesTs/) (required)", "")
     out: str = option("output folder: one sub-folder per case + summary.csv/json (required)", "")
     input_kind: str = option("what --input is", "auto", choices=INPUT_KINDS)
+    source_root: str | None = option("store input: the folder it was preprocessed from (--format dicom-seg "
+                                     "references those DICOM files)", None)
     split: str | None = option("store input: train | val | unlabeled | all", None, default_help="all")
     batch_size: int = option("slices per forward pass, packed across cases", 0,
                              default_help=f"{ACCELERATOR_BATCH} on a GPU, {CPU_BATCH} on a CPU")
@@ -53,6 +56,10 @@ class PredictConfig:
     mixed_precision: str = option("autocast dtype", "no", choices=PRECISIONS)
     dist_timeout_s: int = option("collective timeout (s); a rank silent this long (no heartbeat) is given up",
                                  DIST_TIMEOUT_S)
+    report: bool = option("write OUT/report.html (cohort table, flags, thumbnails, volume histogram)", True,
+                          flag="--no-report", const=False)
+    flags: FlagConfig = option("rules that flag implausible cases (summary.csv, report.html)",
+                               default_factory=FlagConfig)
     shard: str | None = option("I/N: predict only cases[I::N] of the cohort (job array task I of N, 0 ≤ I < N); "
                                "tasks share --out and each writes summary-shard-I-of-N.csv/json", None)
     series_description: str | None = option("DICOM trees: predict the series whose SeriesDescription matches this "

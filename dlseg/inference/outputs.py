@@ -5,6 +5,8 @@
     OUT/<case>/prediction.npz       key ``mask``: (Z, H, W) uint8 class labels (liver = 1)
     OUT/<case>/prediction.nii.gz    labels as (x, y, z) uint8, RAS affine from the DICOM geometry; for a NIfTI
                                     source its voxel order and exact header geometry
+    OUT/<case>/segmentation.dcm     DICOM Segmentation referencing the source slices (dicom_seg)
+    OUT/<case>/thumbnails.jpg       a few slices with the prediction, for report.html (JPEG: not a slice PNG)
     OUT/<case>/overlays/*.png       image | ground truth (when known) | prediction
     OUT/<case>/record.json          written last: a folder with a record is complete
     OUT/.failed/<case>.json         the reason a case failed
@@ -29,6 +31,7 @@ import numpy as np
 
 from dlseg.errors import CaseError, one_line
 from dlseg.fileio import atomic_write, install_dir
+from dlseg.inference import dicom_seg
 from dlseg.inference.config import Shard
 from dlseg.sources.masks import GRAY_VALUES, lookup_table
 from dlseg.sources.nifti_volume import write_like_source
@@ -39,6 +42,7 @@ NPZ = "prediction.npz"
 NPZ_KEY = "mask"
 NIFTI = "prediction.nii.gz"
 OVERLAYS = "overlays"
+THUMBNAILS = "thumbnails.jpg"
 FAILED_DIR = ".failed"
 TMP_PREFIX = ".tmp-"             # .tmp-<case>-<12 hex> while writing, .tmp-<case>-old-<8 hex> (install_dir)
 TMP_CASE_RE = re.compile(r"\.tmp-(?P<case>.+)-(?:[0-9a-f]{12}|old-[0-9a-f]{8})")
@@ -172,6 +176,9 @@ class CaseOutput:
     image: np.ndarray | None = None        # scanner volume, for overlays
     truth: np.ndarray | None = None        # ground-truth labels, for overlays (when known)
     stats: dict[str, float] | None = None  # intensity statistics, for the overlay window
+    dicom_files: list[str] | None = None   # source DICOM files, for --format dicom-seg
+    measures: dict[str, Any] | None = None  # case_flags.measure, kept in the record
+    thumbnail: np.ndarray | None = None    # BGR strip for report.html
 
 
 def case_record(case: CaseOutput, seconds: float, provenance: dict[str, Any]) -> dict[str, Any]:
@@ -186,13 +193,16 @@ def case_record(case: CaseOutput, seconds: float, provenance: dict[str, Any]) ->
         "foreground_slices": int((labels.reshape(z, -1) > 0).any(axis=1).sum()),
         "seconds": round(seconds, 4), **provenance,
     }
+    if case.measures is not None:
+        record["measures"] = case.measures
     if case.num_classes > 1:
         record["class_volumes_ml"] = {str(c): round(float(counts[c]) * voxel_ml, 4)
                                       for c in range(1, case.num_classes)}
     return record
 
 
-def _write_files(folder: Path, case: CaseOutput, formats: Iterable[str], overlays: bool, label_value: int) -> None:
+def _write_files(folder: Path, case: CaseOutput, formats: Iterable[str], overlays: bool, label_value: int,
+                 model_fingerprint: str = "") -> None:
     """Every file of a case folder except its record."""
     names = slice_names(case.labels.shape[0])
     if "png" in formats:
@@ -204,6 +214,11 @@ def _write_files(folder: Path, case: CaseOutput, formats: Iterable[str], overlay
         np.savez_compressed(folder / NPZ, **{NPZ_KEY: case.labels})
     if "nifti" in formats:
         write_nifti(folder / NIFTI, case.labels, case.geometry)
+    if case.thumbnail is not None:
+        cv2.imwrite(str(folder / THUMBNAILS), case.thumbnail, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    if "dicom-seg" in formats:
+        dicom_seg.write_seg(folder / dicom_seg.SEG_FILE, case.labels, case.num_classes, case.dicom_files or [],
+                            model_fingerprint)
     if overlays:
         (folder / OVERLAYS).mkdir()
         for i, name in enumerate(names):
@@ -218,7 +233,7 @@ def write_case(out: Path, case: CaseOutput, formats: Iterable[str], overlays: bo
     tmp = out / f"{TMP_PREFIX}{case.case_id}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir(parents=True)
     try:
-        _write_files(tmp, case, formats, overlays, label_value)
+        _write_files(tmp, case, formats, overlays, label_value, provenance.get("model_fingerprint", ""))
         record = case_record(case, time.perf_counter() - started + load_s, provenance)
         (tmp / RECORD).write_text(json.dumps(record, indent=1))   # last: a folder with a record is complete
         final = out / case.case_id

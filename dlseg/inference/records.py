@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from dlseg.fileio import atomic_write
-from dlseg.inference import outputs
+from dlseg.inference import case_flags, outputs
 from dlseg.inference.config import Shard
 
 SUMMARY_FIELDS = ("case_id", "status", "slices", "height", "width", "spacing_z", "spacing_y", "spacing_x",
-                  "liver_volume_ml", "foreground_slices", "seconds", "reason")
+                  "liver_volume_ml", "foreground_slices", "seconds", "reason", *case_flags.MEASURE_FIELDS, "flags")
 
 
 class HasFingerprint(Protocol):
@@ -100,7 +100,7 @@ def summary_row(rec: dict[str, Any], status: str) -> dict[str, Any]:
     return {"case_id": rec["case_id"], "status": status, "slices": rec["slices"], "height": shape[1],
             "width": shape[2], "spacing_z": spacing[0], "spacing_y": spacing[1], "spacing_x": spacing[2],
             "liver_volume_ml": rec["liver_volume_ml"], "foreground_slices": rec["foreground_slices"],
-            "seconds": rec["seconds"], "reason": ""}
+            "seconds": rec["seconds"], "reason": "", **case_flags.row_measures(rec), "flags": ""}
 
 
 def failed_row(case_id: str, reason: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from accelerate.utils import parse_flag_from_env
 from dlseg.console import console, make_progress
 from dlseg.distributed import check_launch
 from dlseg.errors import CaseError, ConfigError, StoreError, UsageError
-from dlseg.inference import outputs, planning, records
+from dlseg.inference import case_flags, dicom_seg, outputs, planning, records, report_html
 from dlseg.inference.cohort_select import dry_run, selected_cohort
 from dlseg.inference.config import PredictConfig, Shard
 from dlseg.inference.ensemble import load_models
@@ -111,7 +111,7 @@ class CohortRunner:
         active: deque[_Active] = deque()
         pending: set[Future] = set()
         gate = threading.BoundedSemaphore(cfg.max_pending_writes)
-        it = iter(case_loader(specs, self.predictor.meta, cfg.overlays, cfg.workers, cfg.prefetch,
+        it = iter(case_loader(specs, self.predictor.meta, cfg.overlays or cfg.report, cfg.workers, cfg.prefetch,
                               pin_memory=self.predictor.device.type == "cuda", refs=self.refs))
         exhausted = False
         t_start = time.perf_counter()
@@ -168,10 +168,16 @@ class CohortRunner:
         """Writer thread: post-process and write a case, or note its failure."""
         spec, item, cfg = a.item["spec"], a.item, self.cfg
         try:
-            case = outputs.CaseOutput(
-                spec.case_id, self.predictor.labels_from_probs(a.probs, item["mapping"]),
-                self.predictor.num_classes, item["sources"], item["geometry"], item["image"], item["truth"],
-                item["stats"])
+            seg_files = (dicom_seg.source_files(spec.kind, spec.root, spec.case_id, spec.files, cfg.source_root)
+                         if "dicom-seg" in cfg.formats else None)
+            labels = self.predictor.labels_from_probs(a.probs, item["mapping"])
+            measures = case_flags.measure(labels, case_flags.mean_foreground_probability(
+                a.probs, self.predictor.threshold))
+            thumbs = (report_html.thumbnail_strip(item["image"], labels, item["stats"])
+                      if cfg.report and item["image"] is not None else None)
+            case = outputs.CaseOutput(spec.case_id, labels, self.predictor.num_classes, item["sources"],
+                                      item["geometry"], item["image"] if cfg.overlays else None, item["truth"],
+                                      item["stats"], seg_files, measures, thumbs)
             rec = outputs.write_case(self.out, case, cfg.formats, cfg.overlays, cfg.label_value,
                                      self.ident.provenance(spec.fingerprint, cfg.formats), a.started,
                                      item["load_s"])
@@ -203,6 +209,8 @@ def make_plan(cfg: PredictConfig, meta: dict[str, Any], out: Path, ident: RunIde
     try:
         shard = cfg.shard_part()
         cohort, salt = selected_cohort(cfg, meta, out)
+        if "dicom-seg" in cfg.formats:
+            dicom_seg.check_input(cohort.kind, cfg.source_root)
     except (ConfigError, UsageError, StoreError, CaseError, OSError) as e:
         return {"error": str(e)}
     cases = cohort.cases if shard is None else shard.select(cohort.cases)
@@ -275,8 +283,11 @@ def predict_cohort(cfg: PredictConfig) -> dict[str, Any] | None:
         return None
     rows = records.collect_rows(out, plan["all"], set(plan["reused"]), plan["early"], ident)
     rows += [records.skipped_row(s["case_id"], s["reason"]) for s in plan["skipped"]]
-    totals = cohort_totals(rows, all_stats, ident, plan, shard, state.num_processes)
+    totals = {**cohort_totals(rows, all_stats, ident, plan, shard, state.num_processes),
+              "flagged": case_flags.flag_rows(rows, cfg.flags)}
     path = records.write_summary(out, rows, totals, shard)
+    if cfg.report and shard is None:
+        report_html.write_report(out, rows, totals, cfg.flags)
     report(totals, rows, cfg, path)
     if shard is not None and not records.missing_shard_summaries(out, shard):
         console.print(f"all {shard.count} shard summaries are in {out}; for one summary.csv of the whole cohort, run "
@@ -321,6 +332,9 @@ def report(totals: dict[str, Any], rows: list[dict[str, Any]], cfg: PredictConfi
         console.print(f"[yellow]note:[/] the model waited for the writers {100 * totals['write_wait_fraction']:.0f}% "
                       f"of the time; more --write-threads (now {cfg.write_threads}) or fewer --format/--overlays "
                       f"would keep it busier", highlight=False)
+    for r in rows:
+        if r.get("flags"):
+            console.print(f"[yellow]flagged[/] {r['case_id']}: {r['flags']}", highlight=False, soft_wrap=True)
     for r in rows:
         if r["status"] == "failed":
             console.print(f"[red]failed[/] {r['case_id']}: {r['reason']}", highlight=False, soft_wrap=True)
