@@ -161,12 +161,14 @@ class CaseDataset(Dataset):
     """Map-style dataset of cases: item i is case i read, decoded and normalized (or its failure reason)."""
 
     def __init__(self, specs: list[CaseSpec], predictor_meta: dict[str, Any], want_image: bool,
-                 refs: SourceRefs = SourceRefs()):
+                 refs: SourceRefs = SourceRefs(), want_truth: bool | None = None):
         self.specs, self.refs = specs, refs
         self.modality = str(predictor_meta["modality"]).upper()
         self.size = int(predictor_meta["train_size"])
         self.norm = NormConfig.from_dict(predictor_meta["normalization"])
         self.want_image = want_image
+        # the report needs the image alone; only overlays need the ground truth too
+        self.want_truth = want_image if want_truth is None else want_truth
         self._stores: dict[str, Store] = {}
 
     def __len__(self) -> int:
@@ -192,7 +194,7 @@ class CaseDataset(Dataset):
         """Image, truth, stats (as preprocessing computed them and training used), geometry and sources."""
         store = self._store(spec.root)
         attrs = store.info(spec.case_id).attrs
-        image, truth = store.read_case(spec.case_id, mask=self.want_image)
+        image, truth = store.read_case(spec.case_id, mask=self.want_truth)
         geometry = {"spacing": attrs["spacing"], "origin": attrs["origin"], "direction": attrs["direction"],
                     "nifti": attrs.get("nifti")}
         if geometry["nifti"]:   # one source file, named like the case id: name its slices
@@ -207,7 +209,7 @@ class CaseDataset(Dataset):
                     "direction": list(volume.direction)}
         paths = [Path(os.path.relpath(p, spec.root)).as_posix() for p in volume.files]
         sources = self.refs.slices(paths, volume.sop_uids)
-        truth = self._truth(spec, volume) if self.want_image else None
+        truth = self._truth(spec, volume) if self.want_truth else None
         return volume.image, truth, stats, geometry, sources
 
     def _read_nifti(self, spec: CaseSpec) -> tuple[np.ndarray, np.ndarray | None, dict, dict, list[str]]:
@@ -251,10 +253,10 @@ def _identity(item: Any) -> Any:
 
 
 def case_loader(specs: list[CaseSpec], meta: dict[str, Any], want_image: bool, workers: int, prefetch: int,
-                pin_memory: bool, refs: SourceRefs = SourceRefs()) -> DataLoader:
+                pin_memory: bool, refs: SourceRefs = SourceRefs(), want_truth: bool | None = None) -> DataLoader:
     """One case per item; ``workers`` processes prepare ``prefetch`` cases ahead each."""
-    return DataLoader(CaseDataset(specs, meta, want_image, refs), batch_size=None, shuffle=False, num_workers=workers,
-                      collate_fn=_identity, pin_memory=pin_memory,
+    return DataLoader(CaseDataset(specs, meta, want_image, refs, want_truth), batch_size=None, shuffle=False,
+                      num_workers=workers, collate_fn=_identity, pin_memory=pin_memory,
                       prefetch_factor=prefetch if workers > 0 else None,
                       worker_init_fn=one_core if workers > 0 else None,
                       # spawn: forking after OpenCV/OpenMP thread pools and the progress thread can hang workers

@@ -112,7 +112,8 @@ class CohortRunner:
         pending: set[Future] = set()
         gate = threading.BoundedSemaphore(cfg.max_pending_writes)
         it = iter(case_loader(specs, self.predictor.meta, cfg.overlays or cfg.report, cfg.workers, cfg.prefetch,
-                              pin_memory=self.predictor.device.type == "cuda", refs=self.refs))
+                              pin_memory=self.predictor.device.type == "cuda", refs=self.refs,
+                              want_truth=cfg.overlays))
         exhausted = False
         t_start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=cfg.write_threads, thread_name_prefix="dlseg-write") as pool:
