@@ -39,7 +39,7 @@ def dry_run(cfg: PredictConfig) -> dict[str, Any] | None:
     """
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return None
-    cohort, _ = selected_cohort(cfg, read_meta(cfg.model), Path(cfg.out), everything=True)
+    cohort, _ = selected_cohort(cfg, read_meta(cfg.model[0]), Path(cfg.out), everything=True)
     if not cohort.selection:
         console.print(f"dry run: {len(cohort.cases)} {cohort.kind} cases would be predicted, "
                       f"{len(cohort.failures)} unusable", highlight=False)
