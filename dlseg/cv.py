@@ -14,7 +14,8 @@ trains ``<out>/fold-I`` with ``--loader.train_split`` / ``--loader.val_split`` s
 
 The report scores every fold's exported model on its own held-out cases in their original geometry (each case
 once, so the per-case table pools all labeled patients) and gives the Dice per class: per fold, and pooled as
-mean ± sd over cases. Written atomically to ``<out>/cv_report.json`` and ``cv_report.md``. To predict with all
+mean ± sd over cases; ``--ensemble CV_DIR`` (other folders trained on the same folds, e.g. other seeds) adds the
+per-fold ensembles' pooled Dice beside the single models'. Written atomically to ``<out>/cv_report.json`` and ``cv_report.md``. To predict with all
 the fold models at once: ``dlseg/predict.py --model <out>/fold-0 --model <out>/fold-1 …`` (an ensemble).
 """
 
@@ -34,7 +35,7 @@ from dlseg.console import console, make_progress, run_entry
 from dlseg.errors import UsageError
 from dlseg.export import read_meta
 from dlseg.fileio import atomic_write
-from dlseg.inference.predictor import Predictor
+from dlseg.inference.ensemble import load_predictor
 from dlseg.locks import FolderLock
 from dlseg.metrics import dice
 from dlseg.preprocessing.split import SplitConfig, split_patients
@@ -56,6 +57,10 @@ class CVConfig:
     fold_seed: int | None = option("seed of the fold assignment", None, default_help="the store split's seed")
     prepare: bool = option("only record the folds in the store (before submitting a job array)", False)
     report: bool = option("only write the report (every fold trained)", False)
+    ensemble: tuple[str, ...] = option("another cross-validation folder trained on the same folds (e.g. with "
+                                       "another --seed); repeatable: the report also scores, per fold, the ensemble "
+                                       "of that fold's models (mean of probabilities)", (), repeat=True,
+                                       metavar="CV_DIR")
 
 
 def split_name(cfg: CVConfig, seed: int, fold: int, side: str) -> str:
@@ -109,11 +114,18 @@ def train_fold(cfg: CVConfig, seed: int, fold: int, train_argv: list[str]) -> in
 
 # ---------------------------------------------------------------------------------------------- report
 
-def fold_rows(cfg: CVConfig, seed: int, fold: int, store: Store, progress, task) -> list[dict[str, Any]]:
-    """Dice per class of each held-out case of one fold, from that fold's exported model."""
-    model_dir = Path(cfg.out) / f"fold-{fold}" / "model"
-    read_meta(model_dir)                                   # one line (ModelError) when the fold has no model yet
-    pred = Predictor.load(model_dir)
+def fold_models(cfg: CVConfig, fold: int) -> list[Path]:
+    """The fold's exported model in this folder, then in each ``--ensemble`` folder (ModelError when missing)."""
+    dirs = [Path(d) / f"fold-{fold}" / "model" for d in (cfg.out, *cfg.ensemble)]
+    for d in dirs:
+        read_meta(d)                                     # one line (ModelError) when the fold has no model yet
+    return dirs
+
+
+def fold_rows(cfg: CVConfig, seed: int, fold: int, store: Store, models: list[Path], progress,
+              task) -> list[dict[str, Any]]:
+    """Dice per class of each held-out case of one fold, from ``models`` (several: their ensemble)."""
+    pred = load_predictor(models)
     names = pred.meta.get("class_names") or [store.label_map[k] for k in sorted(store.label_map, key=int)][1:]
     rows = []
     for case in store.split_cases(split_name(cfg, seed, fold, "val")):
@@ -136,21 +148,28 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_report(cfg: CVConfig, seed: int) -> dict[str, Any]:
-    """Score every fold on its held-out cases; the report document."""
+    """Score every fold on its held-out cases (this folder's models; with ``--ensemble`` also their ensembles)."""
     store = Store(cfg.store)
     total = sum(len(store.split_cases(split_name(cfg, seed, i, "val"))) for i in range(cfg.folds))
     rows: list[dict[str, Any]] = []
+    ens_rows: list[dict[str, Any]] = []
     per_fold = []
     with make_progress("cases") as progress:
-        task = progress.add_task("cross-validation report", total=total, info="")
+        task = progress.add_task("cross-validation report", total=total * (2 if cfg.ensemble else 1), info="")
         for i in range(cfg.folds):
-            fold = fold_rows(cfg, seed, i, store, progress, task)
-            meta = read_meta(Path(cfg.out) / f"fold-{i}" / "model")
+            models = fold_models(cfg, i)
+            fold = fold_rows(cfg, seed, i, store, models[:1], progress, task)
+            meta = read_meta(models[0])
             per_fold.append({"fold": i, "cases": [r["case"] for r in fold], "dice": summarize(fold),
                              "best_epoch": meta.get("epoch"), "val_dice_training_grid": meta.get("val_dice")})
             rows += fold
-    return {"store": str(cfg.store), "folds": cfg.folds, "seed": seed, "classes": list(rows[0]["dice"]),
-            "pooled": summarize(rows), "per_fold": per_fold, "per_case": rows}
+            if cfg.ensemble:
+                ens_rows += fold_rows(cfg, seed, i, store, models, progress, task)
+    doc = {"store": str(cfg.store), "folds": cfg.folds, "seed": seed, "classes": list(rows[0]["dice"]),
+           "pooled": summarize(rows), "per_fold": per_fold, "per_case": rows}
+    if cfg.ensemble:
+        doc["ensemble"] = {"members": 1 + len(cfg.ensemble), "pooled": summarize(ens_rows), "per_case": ens_rows}
+    return doc
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -162,6 +181,10 @@ def markdown(doc: dict[str, Any]) -> str:
              "Each fold's model on its own held-out patients, original geometry.\n", head + f"| pooled | {pm} |"]
     for f in doc["per_fold"]:
         lines.append(f"| fold {f['fold']} | " + " | ".join(f"{f['dice'][c]['mean']:.4f}" for c in cols) + " |")
+    if "ensemble" in doc:
+        ens = doc["ensemble"]["pooled"]
+        lines.append(f"| ensemble of {doc['ensemble']['members']}, pooled | "
+                     + " | ".join(f"{ens[c]['mean']:.4f} ± {ens[c]['sd']:.4f}" for c in cols) + " |")
     lines.append("\n## Per case\n\n| case | fold | " + " | ".join(cols) + " |\n|---|---:|" + "---:|" * len(cols))
     for r in doc["per_case"]:
         values = [*(r["dice"][c] for c in doc["classes"]), r["mean"]]
@@ -183,6 +206,10 @@ def write_report(cfg: CVConfig, seed: int) -> dict[str, Any]:
                               for c in [*doc["classes"], "mean"]))
     for f in doc["per_fold"]:
         table.add_row(f"fold {f['fold']}", *(f"{f['dice'][c]['mean']:.4f}" for c in [*doc["classes"], "mean"]))
+    if "ensemble" in doc:
+        ens = doc["ensemble"]["pooled"]
+        table.add_row(f"ensemble of {doc['ensemble']['members']}",
+                      *(f"{ens[c]['mean']:.4f} ± {ens[c]['sd']:.4f}" for c in [*doc["classes"], "mean"]))
     console.print(table)
     console.print(f"report: {out / REPORT}.json, .md; ensemble of the folds: dlseg/predict.py "
                   + " ".join(f"--model {out / f'fold-{i}'}" for i in range(cfg.folds)), highlight=False)

@@ -91,6 +91,12 @@ def test_two_fold_cv_trains_and_reports_per_organ(tiny_store, tmp_path):
     md = (out / "cv_report.md").read_text()
     assert f"{doc['pooled']['liver']['mean']:.4f} ± {doc['pooled']['liver']['sd']:.4f}" in md
     assert "MR-test-9-T2" not in md
+    # --ensemble: each fold's models together; two copies of one model score exactly as that model
+    assert cv.main(["--store", str(tiny_store), "--out", str(out), "--folds", "2", "--report", "--ensemble", str(out)]) == 0
+    ens = json.loads((out / "cv_report.json").read_text())["ensemble"]
+    assert ens["members"] == 2 and ens["pooled"] == doc["pooled"]      # (p + p) / 2 == p exactly
+    assert [(r["case"], r["fold"]) for r in ens["per_case"]] == [(r["case"], r["fold"]) for r in doc["per_case"]]
+    assert "ensemble of 2, pooled" in (out / "cv_report.md").read_text()
 
 
 def test_unusable_cv_arguments_exit_2(tiny_store, tmp_path, capsys):
