@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from dlseg.losses import build_loss
 from dlseg.model import arch_dict, build_model
 from dlseg.optim import build_optimizer, build_scheduler
 from dlseg.preemption import EXIT_PREEMPTED, PreemptFlag, clear_marker, write_marker
+from dlseg.ranks import watch_ranks
 from dlseg.runlog import (
     EpochStats, RunLog, RunTotals, data_wait_hint, epoch_line, epoch_table, flat_config, tracker_values,
 )
@@ -364,5 +366,7 @@ class Trainer:
 
 
 def run(cfg: TrainConfig) -> int:
-    """Train as configured; returns the exit status (0, EXIT_PREEMPTED)."""
-    return Trainer(cfg).fit()
+    """Train as configured; returns the exit status (0, EXIT_PREEMPTED); RankLostError when another rank died."""
+    with watch_ranks(int(os.environ.get("RANK", 0) or 0), int(os.environ.get("WORLD_SIZE", 1) or 1),
+                     Path(cfg.out) / "train.log"):
+        return Trainer(cfg).fit()
