@@ -30,6 +30,7 @@ from dlseg.distributed import check_launch
 from dlseg.errors import UserError
 from dlseg.export import export_model
 from dlseg.losses import build_loss
+from dlseg.memory import fit_loaders
 from dlseg.model import arch_dict, build_model
 from dlseg.optim import build_optimizer, build_scheduler
 from dlseg.preemption import EXIT_PREEMPTED, PreemptFlag, clear_marker, write_marker
@@ -117,6 +118,7 @@ class Trainer:
         train_dl = build_train_loader(self.store_path, cfg.loader, seed=cfg.seed, transform=transform)
         val_dl = build_val_loader(self.store_path, cfg.loader)
         self.train_dataset, self.val_dataset = train_dl.dataset, val_dl.dataset
+        self.log.write(fit_loaders(cfg.loader, [self.train_dataset, self.val_dataset]).line)  # may refuse (exit 2)
         self.model, self.optimizer, self.train_dl, self.val_dl, self.scheduler = acc.prepare(
             model, optimizer, train_dl, val_dl, scheduler)
         uneven_shards(self.val_dl)
