@@ -101,3 +101,4 @@ def test_collective_errors_are_told_from_other_errors():
     assert is_collective_error(dist.DistBackendError("NCCL communicator was aborted"))
     assert not is_collective_error(ValueError("shapes do not match"))
     assert not is_collective_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_collective_error(RuntimeError("DataLoader timed out after 60 seconds"))
