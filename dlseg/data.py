@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -34,12 +33,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dlseg.config import option
-from dlseg.normalize import NormConfig, prepare_mask, prepare_volume
+from dlseg.cache import PREPARED_BYTES_PER_VOXEL, CaseCache
+from dlseg.normalize import NormConfig
 from dlseg.store import Store, StoreError
 from dlseg.workers import one_core
 
 MB = 1 << 20
-PREPARED_BYTES_PER_VOXEL = 4 + 1  # float32 image + uint8 mask
 
 Transform = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
@@ -49,7 +48,8 @@ class DataConfig:
     """Data pipeline settings (the ``data`` section of the training config).
 
     Memory per process: about ``(train workers + val workers) × cache_mb`` for the case caches (``cache_mb``
-    in the main process when ``workers == 0``), plus ``prefetch_factor`` batches per worker in flight.
+    in the main process when ``workers == 0``), plus ``prefetch_factor`` batches per worker in flight
+    (``dlseg.memory`` checks the sum against the job's limit and scales the caches down).
     """
 
     size: int = option("square training size (pixels)", 256)
@@ -57,6 +57,8 @@ class DataConfig:
     batch_size: int = option("training batch size per process", 8)
     val_batch_size: int = option("validation batch size per process", 16)
     workers: int = option("DataLoader workers per process", 2)
+    val_workers: int | None = option("validation workers per process, started for each validation (not kept); "
+                                     "unset = min(workers, 2)", None)
     prefetch_factor: int = option("batches prefetched per worker", 4)
     pin_memory: bool = option("pin batches in memory (used only when CUDA is available)", True)
     persistent_workers: bool = option("keep workers (and their caches) between epochs", True)
@@ -86,95 +88,6 @@ class SeededTransform(Protocol):
     """A transform whose randomness can be reset from a seed (e.g. ``albumentations.Compose``)."""
 
     def set_random_seed(self, seed: int | None) -> None: ...
-
-
-@dataclass
-class PreparedCase:
-    """One case at training size: normalized image (Z,S,S) float32 and label mask (Z,S,S) uint8."""
-
-    image: np.ndarray
-    mask: np.ndarray
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.image.nbytes + self.mask.nbytes)
-
-
-class CaseCache:
-    """Per-process LRU of prepared cases, bounded by ``budget_bytes`` (it always holds the case in use).
-
-    The store is opened lazily in the process that reads (DataLoader workers re-open it after fork/spawn);
-    pickling drops the store and the cached arrays. ``reads`` counts store reads (misses), ``hits`` the rest.
-    """
-
-    def __init__(self, store_path: str | os.PathLike, size: int, norm: NormConfig, budget_bytes: int,
-                 opener: Callable[[str], Store] = Store):
-        self.store_path = str(store_path)
-        self.size = int(size)
-        self.norm = norm
-        self.budget_bytes = int(budget_bytes)
-        self.opener = opener
-        self._reset()
-
-    def _reset(self) -> None:
-        """Forget the store handle and all cached cases (new process)."""
-        self._pid = os.getpid()
-        self._store: Store | None = None
-        self._entries: OrderedDict[str, PreparedCase] = OrderedDict()
-        self.nbytes = 0
-        self.reads = 0
-        self.hits = 0
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.update(_store=None, _entries=OrderedDict(), nbytes=0, reads=0, hits=0)
-        return state
-
-    def store(self) -> Store:
-        """The store, opened once per process."""
-        if self._pid != os.getpid():
-            self._reset()
-        if self._store is None:
-            self._store = self.opener(self.store_path)
-        return self._store
-
-    def get(self, case_id: str) -> PreparedCase:
-        """The prepared case, from memory when cached, else read (one zarr call per array) and prepared."""
-        store = self.store()
-        case = self._entries.get(case_id)
-        if case is not None:
-            self._entries.move_to_end(case_id)
-            self.hits += 1
-            return case
-        info = store.info(case_id)
-        z = int(info.shape[0])
-        self._evict_for(z * self.size * self.size * PREPARED_BYTES_PER_VOXEL)
-        case = self._prepare(store, case_id)
-        self.reads += 1
-        self._entries[case_id] = case
-        self.nbytes += case.nbytes
-        return case
-
-    def _evict_for(self, incoming: int) -> None:
-        """Drop least recently used cases until ``incoming`` more bytes fit the budget (or nothing is left)."""
-        while self._entries and self.nbytes + incoming > self.budget_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.nbytes -= old.nbytes
-
-    def _prepare(self, store: Store, case_id: str) -> PreparedCase:
-        """Read a whole case and bring it to training size through ``normalize``."""
-        attrs = store.info(case_id).attrs
-        try:
-            image, mask = store.read_case(case_id)
-        except Exception as exc:  # zarr/numcodecs raise many types for damaged chunks
-            reason = (str(exc).splitlines() or [""])[0]
-            raise StoreError(f"{store.path}: case {case_id!r} is unreadable ({type(exc).__name__}: {reason})") from None
-        if mask is None:
-            raise StoreError(f"{store.path}: case {case_id!r} has no mask (training needs labeled cases)")
-        if "stats" not in attrs or "modality" not in attrs:
-            raise StoreError(f"{store.path}: case {case_id!r} lacks 'stats'/'modality' attributes")
-        volume, mapping = prepare_volume(image, attrs["stats"], attrs["modality"], self.size, self.norm)
-        return PreparedCase(volume, prepare_mask(mask, mapping))
 
 
 class SliceDataset(Dataset):
@@ -357,15 +270,19 @@ def seed_worker(worker_id: int) -> None:
     one_core()
 
 
-def _loader_kwargs(cfg: DataConfig) -> dict[str, Any]:
+def val_workers(cfg: DataConfig) -> int:
+    """Validation workers per process: few, since each holds its own case cache."""
+    return min(cfg.workers, 2) if cfg.val_workers is None else cfg.val_workers
+
+
+def _loader_kwargs(cfg: DataConfig, workers: int, persistent: bool) -> dict[str, Any]:
     """Worker, prefetch and pinning options shared by both loaders."""
     kwargs: dict[str, Any] = {
-        "num_workers": cfg.workers,
+        "num_workers": workers,
         "pin_memory": bool(cfg.pin_memory and torch.cuda.is_available()),
     }
-    if cfg.workers > 0:
-        kwargs.update(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor,
-                      worker_init_fn=seed_worker)
+    if workers > 0:
+        kwargs.update(persistent_workers=persistent, prefetch_factor=cfg.prefetch_factor, worker_init_fn=seed_worker)
     return kwargs
 
 
@@ -382,11 +299,12 @@ def build_train_loader(store_path: str | os.PathLike, cfg: DataConfig, seed: int
     if cfg.workers == 0:
         cv2.setNumThreads(1)  # samples are small: OpenCV's pool would only fight torch's threads
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                      generator=torch.Generator().manual_seed(int(seed)), **_loader_kwargs(cfg))
+                      generator=torch.Generator().manual_seed(int(seed)),
+                      **_loader_kwargs(cfg, cfg.workers, cfg.persistent_workers))
 
 
 def build_val_loader(store_path: str | os.PathLike, cfg: DataConfig) -> DataLoader:
     """Sequential validation loader over ``cfg.val_split``: every slice exactly once, case by case."""
     dataset = SliceDataset(store_path, Store(store_path).split_cases(cfg.val_split), cfg)
     return DataLoader(dataset, batch_size=cfg.val_batch_size, shuffle=False, drop_last=False,
-                      **_loader_kwargs(cfg))
+                      **_loader_kwargs(cfg, val_workers(cfg), persistent=False))

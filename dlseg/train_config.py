@@ -87,7 +87,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.clip_grad is not None and not cfg.clip_grad > 0:
         raise ConfigError(f"clip_grad: must be > 0 or null, got {cfg.clip_grad}")
     for key, value in {"checkpoint_every_steps": cfg.checkpoint_every_steps, "cpu_threads": cfg.cpu_threads,
-                       "sched.warmup_epochs": cfg.sched.warmup_epochs, "loader.workers": cfg.loader.workers}.items():
+                       "sched.warmup_epochs": cfg.sched.warmup_epochs, "loader.workers": cfg.loader.workers,
+                       "loader.val_workers": cfg.loader.val_workers or 0}.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     check_trackers(cfg.trackers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,11 @@ from dlseg.distributed import check_launch
 from dlseg.errors import UserError
 from dlseg.export import export_model
 from dlseg.losses import build_loss
+from dlseg.memory import fit_loaders
 from dlseg.model import arch_dict, build_model
 from dlseg.optim import build_optimizer, build_scheduler
 from dlseg.preemption import EXIT_PREEMPTED, PreemptFlag, clear_marker, write_marker
+from dlseg.ranks import watch_ranks
 from dlseg.runlog import (
     EpochStats, RunLog, RunTotals, data_wait_hint, epoch_line, epoch_table, flat_config, tracker_values,
 )
@@ -114,6 +117,7 @@ class Trainer:
         train_dl = build_train_loader(self.store_path, cfg.loader, seed=cfg.seed, transform=transform)
         val_dl = build_val_loader(self.store_path, cfg.loader)
         self.train_dataset, self.val_dataset = train_dl.dataset, val_dl.dataset
+        self.log.write(fit_loaders(cfg.loader, [self.train_dataset, self.val_dataset]).line)  # may refuse (exit 2)
         self.model, self.optimizer, self.train_dl, self.val_dl, self.scheduler = acc.prepare(
             model, optimizer, train_dl, val_dl, scheduler)
         uneven_shards(self.val_dl)
@@ -373,10 +377,12 @@ class Trainer:
 
 
 def run(cfg: TrainConfig) -> int:
-    """Train as configured; returns the exit status (0, EXIT_PREEMPTED)."""
-    trainer = Trainer(cfg)
-    try:
-        return trainer.fit()
-    finally:
-        if trainer.lock is not None:
-            trainer.lock.release()
+    """Train as configured; returns the exit status (0, EXIT_PREEMPTED); RankLostError when another rank died."""
+    with watch_ranks(int(os.environ.get("RANK", 0) or 0), int(os.environ.get("WORLD_SIZE", 1) or 1),
+                     Path(cfg.out) / "train.log"):
+        trainer = Trainer(cfg)
+        try:
+            return trainer.fit()
+        finally:
+            if trainer.lock is not None:
+                trainer.lock.release()

@@ -184,7 +184,8 @@ dlseg_was_preempted() {
 }
 
 dlseg_finish_training() {
-    # dlseg_finish_training RC MAX_RESTARTS RUN: requeue a preempted job (bounded), else exit with the trainer's status.
+    # dlseg_finish_training RC MAX_RESTARTS RUN: requeue a preempted job (bounded), else exit with the trainer's status
+    # and its cause: a crash (a lost rank too) is never requeued by the script, so it cannot loop.
     local rc=$1 max=$2 run=$3 restarts
     restarts=$(dlseg_restart_count)
     if dlseg_was_preempted "$rc" "$run"; then
@@ -212,7 +213,16 @@ dlseg_finish_training() {
     else
         dlseg_log "training failed with exit status $rc"
     fi
+    _dlseg_report_cause "$run"
     exit "$rc"
+}
+
+_dlseg_report_cause() {
+    # A lost or failed rank: the trainer's last train.log line names it (the launcher itself only says "exit 1").
+    local last
+    last=$(tail -n 1 "$1/train.log" 2>/dev/null || true)
+    if [[ $last == *" distributed: "* ]]; then dlseg_log "cause: ${last#* * }"; fi
+    return 0
 }
 
 dlseg_port() {

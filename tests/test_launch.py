@@ -338,3 +338,28 @@ def test_default_run_folder_is_one_per_job_and_stable_across_requeues(script, tm
     assert out_folder(SLURM_JOB_ID="503", SLURM_ARRAY_JOB_ID="500", SLURM_ARRAY_TASK_ID="3") == "runs/sweep-500_3"
     assert out_folder(SLURM_JOB_ID="4244", RUN="runs/mine") == "runs/mine"                   # RUN wins
     assert (root / "runs" / "sweep-4242").is_dir() and (root / "runs" / "sweep-500_3").is_dir()
+
+
+@pytest.mark.parametrize("rc, restarts, last_line, status, requeued", [
+    (1, "0", "2026-01-01 00:00:00 distributed: rank 1 stopped answering (killed ...)", 1, False),
+    (75, "0", "2026-01-01 00:00:00 preempted (SIGUSR1): state saved", 0, True),
+    (75, "3", "2026-01-01 00:00:00 preempted (SIGUSR1): state saved", 75, False),
+])
+def test_finish_training_requeues_only_a_preemption_and_names_a_lost_rank(tmp_path, rc, restarts, last_line,
+                                                                          status, requeued):
+    bin_dir, run = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    run.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path}/scontrol.calls\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    (run / "train.log").write_text(f"2026-01-01 00:00:00 world size 2\n{last_line}\n")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+           "SLURM_RESTART_COUNT": restarts}
+    r = subprocess.run(["bash", "-c", f"source launch/common.sh; dlseg_finish_training {rc} 3 {run}"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == status, r.stderr
+    calls = (tmp_path / "scontrol.calls").read_text() if (tmp_path / "scontrol.calls").exists() else ""
+    assert calls == ("requeue 42\n" if requeued else "")
+    if rc == 1:
+        assert "training failed with exit status 1" in r.stderr
+        assert "cause: distributed: rank 1 stopped answering" in r.stderr
