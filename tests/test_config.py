@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from dlseg.augment import invariances
 from dlseg.config import option, parse_args
 from dlseg.console import run_entry
 from dlseg.errors import ConfigError, UserError
 from dlseg.fileio import atomic_save, atomic_write, install_dir
+from dlseg.train import parse as parse_train
+from dlseg.train_config import check_config as check_train
 
 
 @dataclass
@@ -98,3 +102,12 @@ def test_install_dir_swaps_in_the_new_version(tmp_path):
     (new / "v").write_text("2")
     install_dir(new, final, aside)
     assert (final / "v").read_text() == "2" and not new.exists() and not aside.exists()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (Path(__file__).parents[1] / "dlseg" / "recipes").glob("*.yaml")))
+def test_every_shipped_recipe_resolves_and_passes_the_checks(recipe):
+    cfg = parse_train(["--config", recipe, "--out", "runs/x"])
+    check_train(cfg)
+    assert cfg.epochs > 0 and cfg.loader.size % (2 ** cfg.model.depth) == 0
+    if recipe.startswith("chaos_t2"):       # left/right organs: no mirror-like augmentation, hence no TTA
+        assert invariances(cfg.augment) == []
