@@ -432,7 +432,7 @@ def test_second_run_into_a_held_store_exits_2_and_writes_nothing(tmp_path):
     assert done.returncode == 2, done.stdout + done.stderr
     line = " ".join(done.stderr.split())
     assert "Traceback" not in done.stderr and f"{out}: in use by another writer" in line
-    assert f"pid {os.getpid()} on {socket.gethostname()}" in line and "`the first run`" in line
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in line and "`the first run" in line
     assert f"remove {out}/.lock" in line
     assert list(out.iterdir()) == []
 
