@@ -181,8 +181,9 @@ class StoreWriter:
             raise ValueError(f"{case_id}: mask {mask.shape} does not match image {image.shape}")
 
         partial = self.path / PARTIAL_DIR / f"{case_id}-{uuid.uuid4().hex[:12]}"
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(store=str(partial), mode="w", zarr_format=3)
+        # "w-", not "w": "w" empties the new folder by rmtree + mkdir without parents, which fails whenever
+        # another process removes an empty .partial/ in between (the rare failed case of parallel preprocessing)
+        group = zarr.open_group(store=str(partial), mode="w-", zarr_format=3)
         _write_array(group, "image", image)
         if mask is not None:
             _write_array(group, "mask", mask)
@@ -196,10 +197,6 @@ class StoreWriter:
         group.update_attributes(_json_safe(attrs))  # one write of zarr.json (attrs.update writes once per key)
 
         install_dir(partial, self.path / case_id, self.path / PARTIAL_DIR / f"{case_id}-old-{uuid.uuid4().hex[:12]}")
-        try:
-            partial.parent.rmdir()  # leave no empty .partial/ behind (fails harmlessly while others write)
-        except OSError:
-            pass
 
     def remove_case(self, case_id: str) -> None:
         """Drop a case (e.g. its sources vanished or now fail)."""
