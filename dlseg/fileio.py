@@ -5,11 +5,14 @@ A temporary file is ``.<name>.<8 hex>.tmp`` beside its target (readers and resum
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable
+
+from dlseg.errors import UsageError, one_line
 
 
 def temp_path(path: str | os.PathLike) -> Path:
@@ -78,3 +81,17 @@ def hash_file(h: Any, path: str | os.PathLike) -> None:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+
+
+def read_json_object(path: Path, what: str = "") -> dict[str, Any]:
+    """A user-given JSON object file (``what`` names it in the message); UsageError with one line otherwise."""
+    name = f" {what}" if what else ""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read{name} ({e.strerror})") from None
+    except ValueError as e:
+        raise UsageError(f"{path}: not valid JSON ({one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object")
+    return data

@@ -7,7 +7,6 @@ independently, and a patient's sequences (T1 in/out, T2) always land on the same
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from dlseg.errors import UsageError
+from dlseg.fileio import read_json_object
 from dlseg.sources.files import natural_key
 
 
@@ -82,13 +82,8 @@ def read_split_file(path: Path, subjects: list[str]) -> tuple[list[str], list[st
 
     Every labeled subject must end up on exactly one side.
     """
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read split file ({e.strerror})") from None
-    except ValueError as e:
-        raise UsageError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("train", "val")):
+    data = read_json_object(path, "split file")
+    if not all(isinstance(data.get(k), list) for k in ("train", "val")):
         raise UsageError(f'{path}: expected {{"train": [patient ids], "val": [patient ids]}}')
     sides = {name: resolve_subjects(path, [str(p) for p in data[name]], subjects) for name in ("train", "val")}
     both = sorted(set(sides["train"]) & set(sides["val"]), key=natural_key)

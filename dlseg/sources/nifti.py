@@ -14,7 +14,6 @@ structure name (``liver``, case and ``_``/space insensitive) keeps that one as l
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -23,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from dlseg.errors import CaseError, Failure, UsageError, one_line
+from dlseg.errors import CaseError, Failure, UsageError
+from dlseg.fileio import read_json_object
 from dlseg.sources.files import natural_sorted
 from dlseg.sources.layout import CaseSource, discover
 from dlseg.sources.masks import label_map
@@ -56,19 +56,6 @@ def is_dataset(src: str | os.PathLike) -> bool:
     return (Path(src) / DATASET_JSON).is_file()
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file (UsageError naming it otherwise)."""
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
-    except ValueError as e:
-        raise UsageError(f"{path}: not valid JSON ({one_line(e)})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    return data
-
-
 def parse_labels(path: Path, labels: Any) -> dict[int, str]:
     """MSD ``{"0": "background"}`` or nnU-Net ``{"background": 0}`` → {value: name}."""
     if not isinstance(labels, dict) or not labels:
@@ -90,7 +77,7 @@ def parse_labels(path: Path, labels: Any) -> dict[int, str]:
 def read_dataset(src: Path) -> NiftiDataset:
     """Parse ``dataset.json`` (UsageError for unusable or multi-channel datasets)."""
     path = src / DATASET_JSON
-    doc = read_json(path)
+    doc = read_json_object(path)
     layout = "nnunet" if "channel_names" in doc else "msd"
     channels = doc.get("channel_names" if layout == "nnunet" else "modality")
     if not isinstance(channels, dict) or not channels:
@@ -202,7 +189,7 @@ def discover_dataset(src: Path, labels: str) -> tuple[list[CaseSource], list[Fai
     """The cases of an MSD or nnU-Net dataset, the cases that cannot be read, and the store's label map."""
     ds = read_dataset(src)
     values, names = select_labels(ds, labels)
-    pairs = msd_pairs(ds, read_json(src / DATASET_JSON)) if ds.layout == "msd" else nnunet_pairs(ds)
+    pairs = msd_pairs(ds, read_json_object(src / DATASET_JSON)) if ds.layout == "msd" else nnunet_pairs(ds)
     cases: list[CaseSource] = []
     failures: list[Failure] = []
     seen: set[str] = set()
@@ -287,7 +274,7 @@ def truth_value(folder: Path, structure: str = "liver") -> int:
     path = folder.parent / DATASET_JSON
     if not path.is_file():
         return 1
-    names = parse_labels(path, read_json(path).get("labels"))
+    names = parse_labels(path, read_json_object(path).get("labels"))
     hits = [v for v, n in names.items() if v != 0 and structure_key(n) == structure_key(structure)]
     return hits[0] if hits else 1
 
@@ -297,7 +284,7 @@ def truth_label_names(folder: Path) -> dict[int, str]:
     path = folder.parent / DATASET_JSON
     if not path.is_file():
         return {0: "background", 1: "liver"}
-    names = parse_labels(path, read_json(path).get("labels"))
+    names = parse_labels(path, read_json_object(path).get("labels"))
     liver = truth_value(folder)
     return {swap_liver(v, liver): n for v, n in sorted(names.items())}
 
