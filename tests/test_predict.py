@@ -524,17 +524,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def predict_on_two_cpu_ranks(model: Path, input: Path, out: Path, *flags: str,
+                             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``dlseg/predict.py`` under ``accelerate launch`` with 2 gloo ranks on the CPU; its completed process."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()),
+           str(REPO / "dlseg" / "predict.py"), "--model", str(model), "--input", str(input), "--out", str(out), *flags]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
 def test_two_processes_split_a_shard_and_write_each_case_once(synthetic_root, ct_model, tmp_path):
     cases = [c.case_id for c in discover(synthetic_root, "ct", "liver")[0]]
     out = tmp_path / "out"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()),
-           str(REPO / "dlseg" / "predict.py"), "--model", str(ct_model), "--input", str(synthetic_root),
-           "--out", str(out), "--workers", "1", "--batch-size", "8", "--shard", "1/2"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = predict_on_two_cpu_ranks(ct_model, synthetic_root, out, "--workers", "1", "--batch-size", "8",
+                                    "--shard", "1/2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "on 2 process(es)" in proc.stdout
     summary = json.loads(outputs.summary_files(out, Shard(1, 2))[1].read_text())

@@ -4,9 +4,6 @@ planner never holds the other ranks inside a collective."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -18,9 +15,7 @@ from dlseg.inference.inputs import CaseSpec
 from dlseg.inference.planning import PLAN_DELAY_ENV, Exchange, Heartbeat, balance, my_cases, plan_from_json, plan_to_json
 from dlseg.sources.layout import discover
 from dlseg.train_config import TrainConfig
-from test_predict import free_port, make_model
-
-REPO = Path(__file__).resolve().parents[1]
+from test_predict import make_model, predict_on_two_cpu_ranks
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +56,8 @@ def test_timeout_default_is_trainings():
 def test_slow_planning_past_the_collective_timeout_completes_on_two_ranks(synthetic_root, ct_model, tmp_path):
     cases = [c.case_id for c in discover(synthetic_root, "ct", "liver")[0]]
     out = tmp_path / "out"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-           PLAN_DELAY_ENV: "8"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()),
-           str(REPO / "dlseg" / "predict.py"), "--model", str(ct_model), "--input", str(synthetic_root),
-           "--out", str(out), "--workers", "0", "--batch-size", "8", "--dist-timeout-s", "3"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = predict_on_two_cpu_ranks(ct_model, synthetic_root, out, "--workers", "0", "--batch-size", "8",
+                                    "--dist-timeout-s", "3", env={PLAN_DELAY_ENV: "8"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(outputs.summary_files(out, None)[1].read_text())
     assert summary["world_size"] == 2 and summary["predicted"] == len(cases) and summary["failed"] == 0
