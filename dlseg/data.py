@@ -36,7 +36,7 @@ from dlseg.config import option
 from dlseg.cache import PREPARED_BYTES_PER_VOXEL, CaseCache
 from dlseg.normalize import NormConfig
 from dlseg.store import Store, StoreError
-from dlseg.workers import one_core
+from dlseg.workers import before_fork, one_core
 
 MB = 1 << 20
 
@@ -282,6 +282,7 @@ def _loader_kwargs(cfg: DataConfig, workers: int, persistent: bool) -> dict[str,
         "pin_memory": bool(cfg.pin_memory and torch.cuda.is_available()),
     }
     if workers > 0:
+        before_fork()
         kwargs.update(persistent_workers=persistent, prefetch_factor=cfg.prefetch_factor, worker_init_fn=seed_worker)
     return kwargs
 

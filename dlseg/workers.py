@@ -38,6 +38,14 @@ def die_with_parent(parent_pid: int, interval_s: float = WATCHDOG_INTERVAL_S) ->
     threading.Thread(target=watch, name="dlseg-parent-watchdog", daemon=True).start()
 
 
+def before_fork() -> None:
+    """Stop OpenCV's thread pool in this process before loaders fork workers: the pool is not fork-safe, and a
+    forked child that touches it (``one_core``'s ``cv2.setNumThreads``) waits forever on the pool's copied lock."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
 def one_core(_worker_id: int | None = None) -> None:
     """Limit the libraries' thread pools in this process to one thread (also a DataLoader ``worker_init_fn``)."""
     import cv2
