@@ -68,7 +68,9 @@ def test_thumbnail_strip_draws_the_prediction():
     image = np.full((8, 40, 30), 100, np.int16)
     labels = np.zeros((8, 40, 30), np.uint8)
     labels[2:6, 10:30, 5:20] = 1
-    strip = report_html.thumbnail_strip(image, labels, {"p0_5": 0.0, "p99_5": 200.0}, count=3, height=80)
+    preview = report_html.preview_stack(image, {"p0_5": 0.0, "p99_5": 200.0}, height=80)
+    assert preview.shape == (8, 80, 60) and preview.dtype == np.uint8 and (preview == 127).all()   # 100 of 0..200: 127.5
+    strip = report_html.thumbnail_strip(preview, labels, count=3)
     assert strip.shape == (80, 3 * 60 + 2 * 2, 3)        # 3 tiles of 80x60 with 2-pixel separators
     green = (strip[..., 1] > 200) & (strip[..., 0] < 100)
     assert green.any() and not green[:, :5].any()          # contour drawn inside the tile, not at its border

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from dlseg.errors import CaseError, ConfigError, StoreError, UsageError, one_line
 from dlseg.inference.privacy import SourceRefs
 from dlseg.inference.records import stat_fingerprint
+from dlseg.inference.report_html import preview_stack
 from dlseg.inference.selection import SeriesChoice, select_series
 from dlseg.normalize import NormConfig, intensity_stats, prepare_volume
 from dlseg.sources.dicom import Volume, find_series, read_series
@@ -161,14 +162,13 @@ class CaseDataset(Dataset):
     """Map-style dataset of cases: item i is case i read, decoded and normalized (or its failure reason)."""
 
     def __init__(self, specs: list[CaseSpec], predictor_meta: dict[str, Any], want_image: bool,
-                 refs: SourceRefs = SourceRefs(), want_truth: bool | None = None):
+                 refs: SourceRefs = SourceRefs(), want_preview: bool = False):
         self.specs, self.refs = specs, refs
         self.modality = str(predictor_meta["modality"]).upper()
         self.size = int(predictor_meta["train_size"])
         self.norm = NormConfig.from_dict(predictor_meta["normalization"])
-        self.want_image = want_image
-        # the report needs the image alone; only overlays need the ground truth too
-        self.want_truth = want_image if want_truth is None else want_truth
+        self.want_image = want_image        # overlays: the image and the ground truth
+        self.want_preview = want_preview    # the report: thumbnail-sized display slices only
         self._stores: dict[str, Store] = {}
 
     def __len__(self) -> int:
@@ -194,7 +194,7 @@ class CaseDataset(Dataset):
         """Image, truth, stats (as preprocessing computed them and training used), geometry and sources."""
         store = self._store(spec.root)
         attrs = store.info(spec.case_id).attrs
-        image, truth = store.read_case(spec.case_id, mask=self.want_truth)
+        image, truth = store.read_case(spec.case_id, mask=self.want_image)
         geometry = {"spacing": attrs["spacing"], "origin": attrs["origin"], "direction": attrs["direction"],
                     "nifti": attrs.get("nifti")}
         if geometry["nifti"]:   # one source file, named like the case id: name its slices
@@ -209,7 +209,7 @@ class CaseDataset(Dataset):
                     "direction": list(volume.direction)}
         paths = [Path(os.path.relpath(p, spec.root)).as_posix() for p in volume.files]
         sources = self.refs.slices(paths, volume.sop_uids)
-        truth = self._truth(spec, volume) if self.want_truth else None
+        truth = self._truth(spec, volume) if self.want_image else None
         return volume.image, truth, stats, geometry, sources
 
     def _read_nifti(self, spec: CaseSpec) -> tuple[np.ndarray, np.ndarray | None, dict, dict, list[str]]:
@@ -232,6 +232,7 @@ class CaseDataset(Dataset):
             "ok": True, "spec": spec, "inputs": torch.from_numpy(inputs), "mapping": mapping,
             "geometry": geometry, "sources": sources, "stats": stats,
             "image": image if self.want_image else None, "truth": truth,
+            "preview": preview_stack(image, stats) if self.want_preview else None,
         }
 
     @staticmethod
@@ -253,9 +254,9 @@ def _identity(item: Any) -> Any:
 
 
 def case_loader(specs: list[CaseSpec], meta: dict[str, Any], want_image: bool, workers: int, prefetch: int,
-                pin_memory: bool, refs: SourceRefs = SourceRefs(), want_truth: bool | None = None) -> DataLoader:
+                pin_memory: bool, refs: SourceRefs = SourceRefs(), want_preview: bool = False) -> DataLoader:
     """One case per item; ``workers`` processes prepare ``prefetch`` cases ahead each."""
-    return DataLoader(CaseDataset(specs, meta, want_image, refs, want_truth), batch_size=None, shuffle=False,
+    return DataLoader(CaseDataset(specs, meta, want_image, refs, want_preview), batch_size=None, shuffle=False,
                       num_workers=workers, collate_fn=_identity, pin_memory=pin_memory,
                       prefetch_factor=prefetch if workers > 0 else None,
                       worker_init_fn=one_core if workers > 0 else None,

@@ -45,18 +45,25 @@ SCRIPT = """document.querySelectorAll('th').forEach(function (th, col) {
 });"""
 
 
-def thumbnail_strip(image: np.ndarray, labels: np.ndarray, stats: dict[str, float],
-                    count: int = THUMB_SLICES, height: int = THUMB_HEIGHT) -> np.ndarray:
-    """A few slices side by side (evenly spread over those with foreground, else over all) with the prediction."""
-    z = labels.shape[0]
+def preview_stack(image: np.ndarray, stats: dict[str, float], height: int = THUMB_HEIGHT) -> np.ndarray:
+    """Every slice as display gray at thumbnail height, (Z, height, width) uint8: what the report's strip is cut
+    from, a few hundred KB per case where the scanner volume would be MBs to carry from the loader."""
+    width = max(1, round(image.shape[2] * height / image.shape[1]))
+    return np.stack([cv2.resize(outputs.display_slice(s, stats), (width, height), interpolation=cv2.INTER_AREA)
+                     for s in image])
+
+
+def thumbnail_strip(preview: np.ndarray, labels: np.ndarray, count: int = THUMB_SLICES) -> np.ndarray:
+    """A few slices of ``preview_stack`` side by side (evenly spread over those with foreground, else over all),
+    with the prediction drawn."""
+    z, height, width = preview.shape
     fg = np.nonzero((labels.reshape(z, -1) > 0).any(axis=1))[0]
     pool = fg if fg.size else np.arange(z)
     picks = sorted(set(int(pool[round(i)]) for i in np.linspace(0, len(pool) - 1, min(count, len(pool)))))
-    width = max(1, round(labels.shape[2] * height / labels.shape[1]))
     tiles = []
     for k in picks:
-        tile = outputs.paint(outputs.display_slice(image[k], stats), labels[k])
-        tiles += [cv2.resize(tile, (width, height), interpolation=cv2.INTER_AREA), np.full((height, 2, 3), 255, np.uint8)]
+        small = cv2.resize(labels[k], (width, height), interpolation=cv2.INTER_NEAREST)
+        tiles += [outputs.paint(preview[k], small), np.full((height, 2, 3), 255, np.uint8)]
     return np.concatenate(tiles[:-1], axis=1)
 
 

@@ -111,9 +111,9 @@ class CohortRunner:
         active: deque[_Active] = deque()
         pending: set[Future] = set()
         gate = threading.BoundedSemaphore(cfg.max_pending_writes)
-        it = iter(case_loader(specs, self.predictor.meta, cfg.overlays or cfg.report, cfg.workers, cfg.prefetch,
+        it = iter(case_loader(specs, self.predictor.meta, cfg.overlays, cfg.workers, cfg.prefetch,
                               pin_memory=self.predictor.device.type == "cuda", refs=self.refs,
-                              want_truth=cfg.overlays))
+                              want_preview=cfg.report))
         exhausted = False
         t_start = time.perf_counter()
         with ThreadPoolExecutor(max_workers=cfg.write_threads, thread_name_prefix="dlseg-write") as pool:
@@ -174,8 +174,8 @@ class CohortRunner:
             labels = self.predictor.labels_from_probs(a.probs, item["mapping"])
             measures = case_flags.measure(labels, case_flags.mean_foreground_probability(
                 a.probs, self.predictor.threshold))
-            thumbs = (report_html.thumbnail_strip(item["image"], labels, item["stats"])
-                      if cfg.report and item["image"] is not None else None)
+            thumbs = (report_html.thumbnail_strip(item["preview"], labels)
+                      if cfg.report and item["preview"] is not None else None)
             case = outputs.CaseOutput(spec.case_id, labels, self.predictor.num_classes, item["sources"],
                                       item["geometry"], item["image"] if cfg.overlays else None, item["truth"],
                                       item["stats"], seg_files, measures, thumbs)
