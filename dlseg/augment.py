@@ -2,7 +2,8 @@
 
 Transforms, in the article's order, each applied independently with its own probability (``AugmentConfig``):
 horizontal flip, vertical flip, transpose, random scale ±``scale_limit``, random rotation by k·90°
-(k uniform in 0..3, as albumentations' RandomRotate90), random brightness/contrast.
+(k uniform in 0..3, as albumentations' RandomRotate90), random brightness/contrast; then, off unless asked for,
+a random intensity remap (below).
 
 Two deliberate departures from the article's albumentations 0.x code:
 
@@ -17,6 +18,13 @@ Two deliberate departures from the article's albumentations 0.x code:
   no clipping: "brightness ±0.2" shifts intensities by up to 0.2 standard deviations (MR) or a tenth of the CT
   window's half-width; contrast scales about 0 (the body mean for MR, the window centre for CT). This is
   albumentations' formula for a [0, 1] image (brightness_by_max) without the clip.
+
+**Intensity remap** (not in the article; ``remap`` = 0 by default): the sample's intensity range [min, max] (all its
+channels together) is mapped through a random piecewise-linear curve through ``remap_points`` equally spaced knots
+whose values are uniform in the same range: not monotone, so tissues may swap their order of brightness. It makes
+a model lean on shape and position rather than on one scanner's contrast (in the spirit of the random intensity
+networks of Ouyang et al., "Causality-inspired single-source domain generalization", 2021), for example when an
+organ's signal is abnormal (iron overload darkens liver and spleen on T2).
 
 Both paths draw the same distributions; they do not reproduce each other's random streams.
 """
@@ -50,9 +58,11 @@ class AugmentConfig:
     brightness_contrast: float = option("probability of a brightness/contrast change", 0.8)
     brightness_limit: float = option("additive shift within ±l, in normalized intensity units", 0.2)
     contrast_limit: float = option("multiplicative factor within [1 - l, 1 + l]", 0.2)
+    remap: float = option("probability of a random, non-monotone intensity curve (0: never)", 0.0)
+    remap_points: int = option("knots of the intensity curve (2: a random linear map, maybe inverted)", 5)
 
 
-PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "brightness_contrast")
+PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "brightness_contrast", "remap")
 
 
 def check_config(cfg: AugmentConfig) -> None:
@@ -65,6 +75,8 @@ def check_config(cfg: AugmentConfig) -> None:
         value = getattr(cfg, key)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"augment.{key}: must be within [0, 1), got {value!r}")
+    if cfg.remap_points < 2:
+        raise ValueError(f"augment.remap_points: need at least 2 knots, got {cfg.remap_points!r}")
 
 
 GEOMETRIC_KEYS = ("hflip", "vflip", "transpose", "rotate90")
@@ -101,6 +113,30 @@ class NormalizedBrightnessContrast(A.ImageOnlyTransform):
         return ("brightness_limit", "contrast_limit")
 
 
+class IntensityRemap(A.ImageOnlyTransform):
+    """The image's [min, max] through a random piecewise-linear curve (knot values uniform in that range)."""
+
+    def __init__(self, points: int = 5, p: float = 0.5):
+        super().__init__(p=p)
+        self.points = points
+
+    def get_params(self) -> dict[str, list[float]]:
+        """Draw the knot values, as fractions of the range, from the step's seeded RNG."""
+        return {"knots": [self.py_random.random() for _ in range(self.points)]}
+
+    def apply(self, img: np.ndarray, knots: tuple[float, ...] = (0.0, 1.0), **params: Any) -> np.ndarray:
+        """Every channel through the same curve, in the image's dtype."""
+        lo, hi = float(img.min()), float(img.max())
+        if hi <= lo:
+            return img
+        grid = np.linspace(lo, hi, len(knots))
+        return np.interp(img, grid, lo + np.asarray(knots) * (hi - lo)).astype(img.dtype, copy=False)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        """Constructor arguments shown in ``repr`` and serialization."""
+        return ("points",)
+
+
 def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compose:
     """One-sample transform: ``t(image=float32 (H,W) or (H,W,C), mask=uint8 (H,W))``; square slices expected.
 
@@ -122,6 +158,8 @@ def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compos
             A.RandomRotate90(p=cfg.rotate90),
             NormalizedBrightnessContrast(cfg.brightness_limit, cfg.contrast_limit, p=cfg.brightness_contrast),
         ]
+        if cfg.remap > 0:   # only when asked for: the article's random streams stay as they were
+            steps.append(IntensityRemap(cfg.remap_points, p=cfg.remap))
     transform = A.Compose(steps)
     seed_transform(transform, seed)
     return transform
@@ -175,6 +213,8 @@ class AugmentParams:
     brightness_contrast: torch.Tensor  # bool
     contrast: torch.Tensor     # float32 factor 1 + c
     brightness: torch.Tensor   # float32 offset b
+    remap: torch.Tensor | None = None   # bool: intensity curve applied
+    knots: torch.Tensor | None = None   # float32 (N, remap_points): curve values as fractions of the range
 
 
 class BatchAugment:
@@ -212,9 +252,13 @@ class BatchAugment:
         decide = u[:, :6] < probs
         hflip, vflip, transpose, scale, rotate90, bc = decide.unbind(1)
         zoom, contrast, brightness = ((2 * u[:, 6:] - 1) * limits + offsets).unbind(1)
-        return AugmentParams(hflip=hflip, vflip=vflip, transpose=transpose, scale=scale, zoom=zoom,
-                             rotate90=rotate90, quarter_turns=k, brightness_contrast=bc, contrast=contrast,
-                             brightness=brightness)
+        params = AugmentParams(hflip=hflip, vflip=vflip, transpose=transpose, scale=scale, zoom=zoom,
+                               rotate90=rotate90, quarter_turns=k, brightness_contrast=bc, contrast=contrast,
+                               brightness=brightness)
+        if self.cfg.remap > 0:
+            r = torch.rand((n, 1 + self.cfg.remap_points), generator=generator, device=device)
+            params.remap, params.knots = r[:, 0] < self.cfg.remap, r[:, 1:]
+        return params
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(probabilities, limits, offsets) as float32 tensors on ``device``, made once per device."""
@@ -240,6 +284,8 @@ class BatchAugment:
         if cfg.brightness_contrast > 0:
             image = apply_intensity(image, params.brightness_contrast, params.contrast, params.brightness,
                                     in_place=symmetric or cfg.scale > 0)   # resample's output is ours
+        if cfg.remap > 0 and params.remap is not None:
+            image = apply_remap(image, params.remap, params.knots)
         return image, mask
 
 
@@ -308,3 +354,17 @@ def apply_intensity(image: torch.Tensor, flag: torch.Tensor, contrast: torch.Ten
     b = torch.where(flag, brightness, torch.zeros_like(brightness)).to(image.dtype).view(-1, 1, 1, 1)
     # in place when the batch is already a fresh tensor; cheaper on a CPU than addcmul with a broadcast offset
     return (image.mul_(a) if in_place else image * a).add_(b)
+
+
+def apply_remap(image: torch.Tensor, flag: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
+    """Each flagged sample's [min, max] (over its channels) through its piecewise-linear curve ``knots`` (N, K)."""
+    n, k = knots.shape
+    flat = image.reshape(n, -1).float()
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    t = (flat - lo) / (hi - lo).clamp_min(1e-12) * (k - 1)          # position on the knot grid, 0..K-1
+    left = t.floor().clamp(0, k - 2)
+    frac = t - left
+    left = left.long()
+    y = torch.gather(knots, 1, left) * (1 - frac) + torch.gather(knots, 1, left + 1) * frac
+    out = torch.where(flag.view(-1, 1) & (hi > lo), lo + y * (hi - lo), flat)
+    return out.to(image.dtype).view_as(image)

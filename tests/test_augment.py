@@ -466,3 +466,64 @@ def test_batch_outputs_do_not_share_memory_between_calls():
     assert torch.equal(first, kept) and torch.equal(first_mask, kept_mask)
     assert not torch.equal(second_mask, first_mask)
     assert torch.equal(image, torch.from_numpy(encoded(label_mask())).expand(16, 1, SIZE, SIZE))
+
+
+# ---------------------------------------------------------------- intensity remap (off by default)
+
+def remap_knots(img: np.ndarray, out: np.ndarray, k: int) -> np.ndarray:
+    """The curve's knot values (as fractions of the range) when ``out`` is ``img`` through a piecewise-linear curve
+    with ``k`` equally spaced knots over [min, max]; AssertionError when it is not such a curve."""
+    lo, hi = float(img.min()), float(img.max())
+    pos = (img.ravel().astype(np.float64) - lo) / (hi - lo) * (k - 1)
+    y = (out.ravel().astype(np.float64) - lo) / (hi - lo)
+    knots = np.empty(k)
+    for j in range(k - 1):                      # one line per segment, fitted by least squares
+        sel = (pos >= j) & (pos <= j + 1)
+        a, b = np.polyfit(pos[sel] - j, y[sel], 1)
+        np.testing.assert_allclose(y[sel], a * (pos[sel] - j) + b, atol=1e-4)
+        knots[j], knots[j + 1] = b, a + b
+    return knots
+
+
+@pytest.mark.parametrize("path", ["cpu", "batch"])
+@pytest.mark.parametrize("p", [0.0, 1.0, 0.5])
+def test_remap_probability_and_curve(path, p):
+    n, k = 400, 4
+    cfg = only(remap=p, remap_points=k)
+    outs = cpu_outcomes(cfg, n) if path == "cpu" else list(batch_outcomes(cfg, n).numpy())
+    img = coded_image()
+    knots = np.array([remap_knots(img, o, k) for o in outs])
+    changed = ~np.all(np.abs(knots - np.linspace(0, 1, k)) < 1e-6, axis=1)
+    assert within(int(changed.sum()), n, p)
+    if p > 0:
+        drawn = knots[changed]
+        assert drawn.min() >= -1e-6 and drawn.max() <= 1 + 1e-6        # inside the sample's own range
+        assert abs(drawn.mean() - 0.5) < 0.05                             # knots uniform over the range
+        descending = (np.diff(drawn, axis=1) < 0).any(axis=1).mean()
+        assert 0.8 < descending < 1.0                                     # usually not monotone: order changes
+
+
+@pytest.mark.parametrize("path", ["cpu", "batch"])
+def test_remap_uses_one_curve_for_all_channels_and_keeps_the_mask(path):
+    mask = label_mask()
+    img = np.stack([coded_image(), coded_image() * 0.5 + 0.25], axis=-1)   # 2.5D: channels in one range
+    cfg = only(remap=1.0, remap_points=3)
+    if path == "cpu":
+        out = build_cpu_transform(cfg, seed=2)(image=img, mask=mask)
+        o, out_mask = out["image"], out["mask"]
+    else:
+        timg = torch.from_numpy(img.transpose(2, 0, 1).copy())[None]
+        bo, bm = BatchAugment(cfg)(timg, torch.from_numpy(mask)[None], generator=torch.Generator().manual_seed(2))
+        o, out_mask = bo[0].numpy().transpose(1, 2, 0), bm[0].numpy()
+    assert np.array_equal(out_mask, mask)
+    lo, hi = img.min(), img.max()
+    knots = remap_knots(img, o, 3)              # both channels lie on the same curve over the joint range
+    np.testing.assert_allclose(o, np.interp(img, np.linspace(lo, hi, 3), lo + knots * (hi - lo)), atol=1e-5)
+
+
+def test_remap_is_off_by_default_and_validated():
+    assert AugmentConfig().remap == 0.0
+    with pytest.raises(ValueError, match="augment.remap_points"):
+        build_cpu_transform(only(remap=0.5, remap_points=1))
+    with pytest.raises(ValueError, match="augment.remap"):
+        BatchAugment(only(remap=1.5))
