@@ -15,7 +15,9 @@ trains ``<out>/fold-I`` with ``--loader.train_split`` / ``--loader.val_split`` s
 The report scores every fold's exported model on its own held-out cases in their original geometry (each case
 once, so the per-case table pools all labeled patients) and gives the Dice per class: per fold, and pooled as
 mean ± sd over cases; ``--ensemble CV_DIR`` (other folders trained on the same folds, e.g. other seeds) adds the
-per-fold ensembles' pooled Dice beside the single models'. Written atomically to ``<out>/cv_report.json`` and ``cv_report.md``. To predict with all
+per-fold ensembles' pooled Dice beside the single models'; ``--keep-largest`` scores with prediction's
+largest-component filter, into ``cv_report-largest.*`` beside the plain report, so the two can be compared before
+choosing ``--keep_largest`` for prediction. Written atomically to ``<out>/cv_report.json`` and ``cv_report.md``. To predict with all
 the fold models at once: ``dlseg/predict.py --model <out>/fold-0 --model <out>/fold-1 …`` (an ensemble).
 """
 
@@ -61,6 +63,13 @@ class CVConfig:
                                        "another --seed); repeatable: the report also scores, per fold, the ensemble "
                                        "of that fold's models (mean of probabilities)", (), repeat=True,
                                        metavar="CV_DIR")
+    keep_largest: bool = option("score with the largest-component filter of dlseg/predict.py --keep_largest "
+                                "(to decide by cross-validation whether to use it)", False)
+
+
+def report_name(cfg: CVConfig) -> str:
+    """``cv_report``, or ``cv_report-largest`` when scored with the largest-component filter (both can coexist)."""
+    return f"{REPORT}-largest" if cfg.keep_largest else REPORT
 
 
 def split_name(cfg: CVConfig, seed: int, fold: int, side: str) -> str:
@@ -125,7 +134,7 @@ def fold_models(cfg: CVConfig, fold: int) -> list[Path]:
 def fold_rows(cfg: CVConfig, seed: int, fold: int, store: Store, models: list[Path], progress,
               task) -> list[dict[str, Any]]:
     """Dice per class of each held-out case of one fold, from ``models`` (several: their ensemble)."""
-    pred = load_predictor(models)
+    pred = load_predictor(models, keep_largest=cfg.keep_largest)
     names = pred.meta.get("class_names") or [store.label_map[k] for k in sorted(store.label_map, key=int)][1:]
     rows = []
     for case in store.split_cases(split_name(cfg, seed, fold, "val")):
@@ -165,7 +174,8 @@ def build_report(cfg: CVConfig, seed: int) -> dict[str, Any]:
             rows += fold
             if cfg.ensemble:
                 ens_rows += fold_rows(cfg, seed, i, store, models, progress, task)
-    doc = {"store": str(cfg.store), "folds": cfg.folds, "seed": seed, "classes": list(rows[0]["dice"]),
+    doc = {"store": str(cfg.store), "folds": cfg.folds, "seed": seed, "keep_largest": cfg.keep_largest,
+           "classes": list(rows[0]["dice"]),
            "pooled": summarize(rows), "per_fold": per_fold, "per_case": rows}
     if cfg.ensemble:
         doc["ensemble"] = {"members": 1 + len(cfg.ensemble), "pooled": summarize(ens_rows), "per_case": ens_rows}
@@ -178,7 +188,8 @@ def markdown(doc: dict[str, Any]) -> str:
     head = "| | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
     pm = " | ".join(f"{doc['pooled'][c]['mean']:.4f} ± {doc['pooled'][c]['sd']:.4f}" for c in cols)
     lines = [f"# Cross-validated Dice ({doc['folds']} folds, seed {doc['seed']}, {len(doc['per_case'])} cases)\n",
-             "Each fold's model on its own held-out patients, original geometry.\n", head + f"| pooled | {pm} |"]
+             "Each fold's model on its own held-out patients, original geometry"
+             + (", largest connected component per class" if doc.get("keep_largest") else "") + ".\n", head + f"| pooled | {pm} |"]
     for f in doc["per_fold"]:
         lines.append(f"| fold {f['fold']} | " + " | ".join(f"{f['dice'][c]['mean']:.4f}" for c in cols) + " |")
     if "ensemble" in doc:
@@ -196,8 +207,9 @@ def write_report(cfg: CVConfig, seed: int) -> dict[str, Any]:
     """Build, write (JSON + Markdown, atomically) and print the report."""
     doc = build_report(cfg, seed)
     out = Path(cfg.out)
-    atomic_write(out / f"{REPORT}.json", json.dumps(doc, indent=2) + "\n")
-    atomic_write(out / f"{REPORT}.md", markdown(doc))
+    name = report_name(cfg)
+    atomic_write(out / f"{name}.json", json.dumps(doc, indent=2) + "\n")
+    atomic_write(out / f"{name}.md", markdown(doc))
     table = Table(title=f"cross-validated Dice, {cfg.folds} folds, {len(doc['per_case'])} held-out cases")
     table.add_column("")
     for c in [*doc["classes"], "mean"]:
@@ -211,7 +223,7 @@ def write_report(cfg: CVConfig, seed: int) -> dict[str, Any]:
         table.add_row(f"ensemble of {doc['ensemble']['members']}",
                       *(f"{ens[c]['mean']:.4f} ± {ens[c]['sd']:.4f}" for c in [*doc["classes"], "mean"]))
     console.print(table)
-    console.print(f"report: {out / REPORT}.json, .md; ensemble of the folds: dlseg/predict.py "
+    console.print(f"report: {out / name}.json, .md; ensemble of the folds: dlseg/predict.py "
                   + " ".join(f"--model {out / f'fold-{i}'}" for i in range(cfg.folds)), highlight=False)
     return doc
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dlseg import cv
-from dlseg.inference.predictor import Predictor
+from dlseg.inference.predictor import Predictor, largest_component
 from dlseg.metrics import dice
 from dlseg.normalize import intensity_stats
 from dlseg.preprocessing.split import SplitConfig, split_patients
@@ -97,6 +97,17 @@ def test_two_fold_cv_trains_and_reports_per_organ(tiny_store, tmp_path):
     assert ens["members"] == 2 and ens["pooled"] == doc["pooled"]      # (p + p) / 2 == p exactly
     assert [(r["case"], r["fold"]) for r in ens["per_case"]] == [(r["case"], r["fold"]) for r in doc["per_case"]]
     assert "ensemble of 2, pooled" in (out / "cv_report.md").read_text()
+    # --keep-largest: scored after prediction's largest-component filter, in its own report beside the plain one
+    assert cv.main(["--store", str(tiny_store), "--out", str(out), "--folds", "2", "--report", "--keep-largest"]) == 0
+    kept = json.loads((out / "cv_report-largest.json").read_text())
+    assert kept["keep_largest"] is True and "ensemble" in json.loads((out / "cv_report.json").read_text())
+    for r in kept["per_case"]:
+        pred = Predictor.load(out / f"fold-{r['fold']}")
+        image, truth = store.read_case(r["case"])
+        labels = largest_component(pred.predict_volume(image, store.info(r["case"]).attrs["stats"])[0])
+        for k, name in enumerate(["liver", "spleen"], start=1):
+            assert r["dice"][name] == pytest.approx(dice(labels == k, truth == k))
+    assert "largest connected component" in (out / "cv_report-largest.md").read_text()
 
 
 def test_unusable_cv_arguments_exit_2(tiny_store, tmp_path, capsys):
