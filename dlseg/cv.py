@@ -187,7 +187,7 @@ def markdown(doc: dict[str, Any]) -> str:
     cols = [*doc["classes"], "mean"]
     head = "| | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
     pm = " | ".join(f"{doc['pooled'][c]['mean']:.4f} ± {doc['pooled'][c]['sd']:.4f}" for c in cols)
-    lines = [f"# Cross-validated Dice ({doc['folds']} folds, seed {doc['seed']}, {len(doc['per_case'])} cases)\n",
+    lines = [f"# Cross-validated Dice ({doc['folds']} folds drawn with seed {doc['seed']}, {len(doc['per_case'])} cases)\n",
              "Each fold's model on its own held-out patients, original geometry"
              + (", largest connected component per class" if doc.get("keep_largest") else "") + ".\n", head + f"| pooled | {pm} |"]
     for f in doc["per_fold"]:
