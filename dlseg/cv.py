@@ -10,7 +10,9 @@ subject ``<MODALITY>-<patient>`` is held out in exactly one fold; the seed defau
 recorded in the store as named splits ``cv<K>-fold<I>-train`` / ``-val`` (``Store.split_cases``; with
 ``--fold-seed S``: ``cv<K>-s<S>-fold<I>-…``), and fold I
 trains ``<out>/fold-I`` with ``--loader.train_split`` / ``--loader.val_split`` set to them and ``--resume auto``
-(a rerun continues or skips finished folds). Flags not listed below are the trainer's (``dlseg/train.py``).
+(a rerun continues or skips finished folds) and ``--export_model last``: the fold's validation patients are its
+held-out patients, so choosing the best epoch on them would flatter the report (a rerun over folds trained with
+the best-epoch export re-exports their final models). Flags not listed below are the trainer's (``dlseg/train.py``).
 
 The report scores every fold's exported model on its own held-out cases in their original geometry (each case
 once, so the per-case table pools all labeled patients) and gives the Dice per class: per fold, and pooled as
@@ -115,7 +117,8 @@ def check(cfg: CVConfig) -> None:
 def train_fold(cfg: CVConfig, seed: int, fold: int, train_argv: list[str]) -> int:
     """Train (or continue) one fold's run folder; the trainer's exit status."""
     console.print(f"[bold]cross-validation: fold {fold + 1}/{cfg.folds}", highlight=False)
-    argv = [*train_argv, "--data", cfg.store, "--out", str(Path(cfg.out) / f"fold-{fold}"),
+    # the final epoch's model: choosing the best epoch on the held-out patients would flatter the report
+    argv = ["--export_model", "last", *train_argv, "--data", cfg.store, "--out", str(Path(cfg.out) / f"fold-{fold}"),
             "--loader.train_split", split_name(cfg, seed, fold, "train"),
             "--loader.val_split", split_name(cfg, seed, fold, "val"), "--resume", "auto"]
     return train_run(parse_train(argv))
@@ -170,7 +173,8 @@ def build_report(cfg: CVConfig, seed: int) -> dict[str, Any]:
             fold = fold_rows(cfg, seed, i, store, models[:1], progress, task)
             meta = read_meta(models[0])
             per_fold.append({"fold": i, "cases": [r["case"] for r in fold], "dice": summarize(fold),
-                             "best_epoch": meta.get("epoch"), "val_dice_training_grid": meta.get("val_dice")})
+                             "model_epoch": meta.get("epoch"), "model_selected": meta.get("selected", "best"),
+                             "val_dice_training_grid": meta.get("val_dice")})
             rows += fold
             if cfg.ensemble:
                 ens_rows += fold_rows(cfg, seed, i, store, models, progress, task)
@@ -187,9 +191,12 @@ def markdown(doc: dict[str, Any]) -> str:
     cols = [*doc["classes"], "mean"]
     head = "| | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
     pm = " | ".join(f"{doc['pooled'][c]['mean']:.4f} ± {doc['pooled'][c]['sd']:.4f}" for c in cols)
+    selected = {f.get("model_selected", "best") for f in doc["per_fold"]}
     lines = [f"# Cross-validated Dice ({doc['folds']} folds drawn with seed {doc['seed']}, {len(doc['per_case'])} cases)\n",
              "Each fold's model on its own held-out patients, original geometry"
-             + (", largest connected component per class" if doc.get("keep_largest") else "") + ".\n", head + f"| pooled | {pm} |"]
+             + (", largest connected component per class" if doc.get("keep_largest") else "") + "; "
+             + ("the final epoch's model" if selected == {"last"} else "the epoch with the best Dice on those "
+                "held-out patients (an optimistic choice; train with --export_model last)") + ".\n", head + f"| pooled | {pm} |"]
     for f in doc["per_fold"]:
         lines.append(f"| fold {f['fold']} | " + " | ".join(f"{f['dice'][c]['mean']:.4f}" for c in cols) + " |")
     if "ensemble" in doc:

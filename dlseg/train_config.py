@@ -63,6 +63,9 @@ class TrainConfig:
     clip_grad: float | None = option("max gradient norm; unset = no clipping", None)
     checkpoint_every_steps: int = option("also checkpoint every N optimizer steps (0 = at epoch ends only)", 0)
     keep_last: int = option("checkpoints kept besides the best one", 2)
+    export_model: Literal["best", "last"] = option(
+        "the model <out>/model holds: best = highest mean validation Dice; last = the final epoch's, no choice made "
+        "on the validation patients (what cross-validation scores)", "best")
     max_nonfinite: int = option("stop (exit 1) after this many non-finite losses in a row", 20)
     trackers: list[str] = option("Accelerate trackers (log_with), e.g. tensorboard or wandb", default_factory=list)
     wait_warn_fraction: float = option("hint once when an epoch waits for data more than this fraction of its "

@@ -29,7 +29,7 @@ from dlseg.console import console, make_progress
 from dlseg.data import build_train_loader, build_val_loader, norm_config
 from dlseg.distributed import check_launch
 from dlseg.errors import UserError
-from dlseg.export import export_model
+from dlseg.export import export_model, read_meta
 from dlseg.losses import build_loss
 from dlseg.memory import fit_loaders
 from dlseg.model import arch_dict, build_model
@@ -243,8 +243,8 @@ class Trainer:
         if improved:
             state.best_dice, state.best_epoch = mean_dice, epoch
             state.best_checkpoint = ckpt.checkpoint_name(state.global_step)
-            if acc.is_main_process:
-                export_model(acc.unwrap_model(self.model), self._meta(epoch, mean_dice), self.out / "model")
+        if improved or self.cfg.export_model == "last":
+            self._export(epoch, mean_dice)
         self._save("epoch end")
         row = {
             "epoch": epoch, "global_step": state.global_step, "world_size": n,
@@ -268,6 +268,7 @@ class Trainer:
         if acc.is_main_process:
             clear_marker(self.out)
         if self.state.epoch >= cfg.epochs:
+            self._export_last_if_missing()
             self.log.write(f"nothing to train: this run has already trained {self.state.epoch} epoch(s) (--epochs "
                            f"{cfg.epochs}); its model is in {self.out / 'model'}; raise --epochs to train longer")
             return False
@@ -344,6 +345,23 @@ class Trainer:
         self.log.write(f"checkpoint {path.name} ({reason})", echo=False)
         return path
 
+    def _export(self, epoch: int, mean_dice: float) -> None:
+        """Replace ``<out>/model`` with the current weights (main process)."""
+        if self.accelerator.is_main_process:
+            export_model(self.accelerator.unwrap_model(self.model), self._meta(epoch, mean_dice), self.out / "model")
+
+    def _export_last_if_missing(self) -> None:
+        """A finished run asked for ``export_model: last`` whose model is another epoch's: validate the final
+        weights (just resumed) and export them, so finished runs can be switched without training again."""
+        if self.cfg.export_model != "last" or self.state.epoch == 0:
+            return
+        model_json = self.out / "model" / "model.json"
+        if model_json.is_file() and read_meta(self.out / "model").get("epoch") == self.state.epoch:
+            return
+        scores = self.validate()
+        self._export(self.state.epoch - 1, float(np.mean(scores.dice)) if scores.dice else 0.0)
+        self.log.write(f"exported the last epoch's model ({self.state.epoch}) to {self.out / 'model'}")
+
     def _preempted(self) -> int:
         """Write the marker the launch scripts look for and return EXIT_PREEMPTED."""
         path = ckpt.list_checkpoints(self.out)[-1]
@@ -360,7 +378,7 @@ class Trainer:
             "train_size": self.cfg.loader.size, "context_slices": self.cfg.loader.context_slices,
             "labels": self.task.labels, "modality": self.task.modality, "sequence": self.task.sequence,
             "threshold": THRESHOLD, "channels_last": self.cfg.model.channels_last, "epoch": epoch + 1,
-            "val_dice": val_dice, "store_fingerprint": self.task.fingerprint,
+            "val_dice": val_dice, "selected": self.cfg.export_model, "store_fingerprint": self.task.fingerprint,
             "class_names": self.task.label_names, "invariances": invariances(self.cfg.augment),
         }
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -84,13 +86,14 @@ def test_two_fold_cv_trains_and_reports_per_organ(tiny_store, tmp_path):
         rows = [r for r in doc["per_case"] if r["fold"] == f["fold"]]
         assert f["dice"]["liver"]["mean"] == pytest.approx(np.mean([r["dice"]["liver"] for r in rows]))
         metrics = [json.loads(line) for line in (out / f"fold-{f['fold']}" / "metrics.jsonl").read_text().splitlines()]
-        assert f["val_dice_training_grid"] == max(m["val_dice_mean"] for m in metrics)
+        assert f["model_selected"] == "last" and f["model_epoch"] == len(metrics)   # final epoch: no selection
+        assert f["val_dice_training_grid"] == metrics[-1]["val_dice_mean"]
         assert sorted(metrics[-1]["val_dice"]) == sorted(f["cases"])    # the fold validated on its held-out cases
     spleen = [r["dice"]["spleen"] for r in doc["per_case"]]
     assert doc["pooled"]["spleen"] == pytest.approx({"mean": np.mean(spleen), "sd": np.std(spleen), "n": 4})
     md = (out / "cv_report.md").read_text()
     assert f"{doc['pooled']['liver']['mean']:.4f} ± {doc['pooled']['liver']['sd']:.4f}" in md
-    assert "MR-test-9-T2" not in md
+    assert "MR-test-9-T2" not in md and "the final epoch's model" in md
     # --ensemble: each fold's models together; two copies of one model score exactly as that model
     assert cv.main(["--store", str(tiny_store), "--out", str(out), "--folds", "2", "--report", "--ensemble", str(out)]) == 0
     ens = json.loads((out / "cv_report.json").read_text())["ensemble"]
@@ -117,3 +120,24 @@ def test_unusable_cv_arguments_exit_2(tiny_store, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "need at least 2 folds" in err[0] and "only 4 labeled patients" in err[1]
     assert "no exported model" in err[2] and "Traceback" not in "".join(err)
+
+
+def test_train_cv_sbatch_gives_each_array_task_its_fold(tmp_path):
+    # the array script hands one fold to train.sbatch (replaced here by a stand-in that prints what it got)
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "train.sbatch").write_text('echo "RUN=$RUN DATA=$DATA ARGS=$*"\n')
+
+    def task(index: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "DLSEG_ROOT": str(tmp_path), "STORE": "s.zarr", "CV_OUT": "runs/cv", "FOLDS": "5",
+               "SLURM_ARRAY_TASK_ID": index}
+        return subprocess.run(["bash", str(repo / "launch" / "train_cv.sbatch"), "--config", "r", "--export_model",
+                               "best"], env=env, capture_output=True, text=True, timeout=30)
+
+    done = task("3")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["RUN=runs/cv/fold-3", "DATA=s.zarr", "ARGS=--loader.train_split", "cv5-fold3-train",
+                                   "--loader.val_split", "cv5-fold3-val", "--export_model", "last", "--config", "r",
+                                   "--export_model", "best"]            # the final model by default; the user's flag wins
+    refused = task("5")
+    assert refused.returncode == 2 and "submit with --array=0-4" in refused.stderr

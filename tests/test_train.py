@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from dlseg import curves, trainer
 from dlseg.config import ConfigError, from_dict
 from dlseg.data import DataConfig, EpochSampler, build_train_loader, build_val_loader
 from dlseg.distributed import check_launch
-from dlseg.export import load_model
+from dlseg.export import export_model, load_model
 from dlseg.optim import SchedConfig, lr_factor
 from dlseg.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
 from dlseg.runlog import data_wait_hint
@@ -204,6 +205,23 @@ def test_resume_after_epoch_1_equals_uninterrupted(reference_run, synthetic_stor
     assert [r["val_dice"] for r in got] == [r["val_dice"] for r in ref]
     assert got[0] == first                        # epoch 1 resumed from its checkpoint, not trained again
     assert "resumed from" in (out / "train.log").read_text()
+
+
+def test_export_last_exports_the_final_epoch_and_switches_a_finished_run(reference_run, synthetic_store, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out, symlinks=True)
+    model, meta = load_model(out / "model")
+    export_model(model, {**meta, "epoch": 1}, out / "model")      # as if epoch 1 had been the best
+    rows = curves.read_metrics(out)
+    for _ in range(2):       # the finished run re-exports its final weights once, then has nothing to do
+        assert trainer.run(parse(tiny(synthetic_store, out, "--epochs", "2", "--resume", "auto",
+                                      "--export_model", "last"))) == 0
+        _, meta = load_model(out / "model")
+        assert meta["epoch"] == 2 and meta["selected"] == "last"
+        assert meta["val_dice"] == rows[-1]["val_dice_mean"]      # the final weights validated again, same value
+        assert_same_weights(read_weights(out / "model" / "model.safetensors"), final_weights(out))
+    assert (out / "train.log").read_text().count("exported the last epoch's model (2)") == 1
+    assert curves.read_metrics(out) == rows                       # no epoch trained or recorded
 
 
 def test_sigusr1_saves_exits_75_and_resume_matches(reference_run, synthetic_store, tmp_path):
