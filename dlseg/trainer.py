@@ -355,8 +355,8 @@ class Trainer:
         weights (just resumed) and export them, so finished runs can be switched without training again."""
         if self.cfg.export_model != "last" or self.state.epoch == 0:
             return
-        model_json = self.out / "model" / "model.json"
-        if model_json.is_file() and read_meta(self.out / "model").get("epoch") == self.state.epoch:
+        meta = read_meta(self.out / "model") if (self.out / "model" / "model.json").is_file() else {}
+        if meta.get("selected") == "last" and meta.get("epoch") == self.state.epoch:
             return
         scores = self.validate()
         self._export(self.state.epoch - 1, float(np.mean(scores.dice)) if scores.dice else 0.0)
