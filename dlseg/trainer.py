@@ -9,8 +9,6 @@ mid-epoch resume.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -39,6 +37,7 @@ from dlseg.ranks import watch_ranks
 from dlseg.runlog import (
     EpochStats, RunLog, RunTotals, data_wait_hint, epoch_line, epoch_table, flat_config, tracker_values,
 )
+from dlseg.shard_debug import write_shard_record
 from dlseg.store import Store
 from dlseg.task import ensure_synthetic, read_task
 from dlseg.train_config import TrainConfig, accelerator_kwargs, check_config, set_cpu_threads
@@ -77,15 +76,6 @@ def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
     if accelerator.num_processes > 1:
         for buf in accelerator.unwrap_model(model).buffers():
             broadcast(buf, from_process=0)
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over the names and bytes of a model's state dict (to compare ranks and runs)."""
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu").contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class Trainer:
@@ -383,14 +373,10 @@ class Trainer:
         }
 
     def _write_debug(self, epoch: int) -> None:
-        """Slice ids this rank trained on this epoch and its weight digest (for the distributed tests)."""
-        debug = self.out / "debug"
-        debug.mkdir(parents=True, exist_ok=True)
-        rank = self.accelerator.process_index
-        record = {"epoch": epoch, "rank": rank, "world_size": self.accelerator.num_processes,
-                  "batches": self.shard_log, "weights": weights_digest(self.accelerator.unwrap_model(self.model))}
-        with open(debug / f"rank{rank}.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """This rank's ``--debug_shards`` record of the epoch; the batch log starts again."""
+        acc = self.accelerator
+        write_shard_record(self.out, epoch, acc.process_index, acc.num_processes, self.shard_log,
+                           acc.unwrap_model(self.model))
         self.shard_log = []
 
 
