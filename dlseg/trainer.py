@@ -226,7 +226,7 @@ class Trainer:
         lr = self._lr()
         sync_buffers(acc, self.model)
         scores = self.validate()
-        mean_dice = float(np.mean(scores.dice)) if scores.dice else 0.0
+        mean_dice = scores.mean_dice()
         self.scheduler.step()
         state.epoch, state.step_in_epoch = epoch + 1, 0
         improved = mean_dice > state.best_dice
@@ -349,7 +349,7 @@ class Trainer:
         if meta.get("selected") == "last" and meta.get("epoch") == self.state.epoch:
             return
         scores = self.validate()
-        self._export(self.state.epoch - 1, float(np.mean(scores.dice)) if scores.dice else 0.0)
+        self._export(self.state.epoch - 1, scores.mean_dice())
         self.log.write(f"exported the last epoch's model ({self.state.epoch}) to {self.out / 'model'}")
 
     def _preempted(self) -> int:

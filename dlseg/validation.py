@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, ContextManager, NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -56,6 +57,10 @@ class Scores(NamedTuple):
     dice: list[float]   # per case, in the loader's case order (mean over foreground classes)
     loss: float         # mean loss per slice
     class_dice: list[list[float]]   # per case, per foreground class
+
+    def mean_dice(self) -> float:
+        """The mean over cases (what picks the best model); 0.0 without cases."""
+        return float(np.mean(self.dice)) if self.dice else 0.0
 
     def class_means(self) -> list[float]:
         """Each foreground class's Dice, mean over cases (empty without cases)."""
