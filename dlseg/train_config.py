@@ -14,6 +14,7 @@ from accelerate.tracking import get_available_trackers
 from accelerate.utils import InitProcessGroupKwargs, LoggerType
 
 from dlseg.augment import AugmentConfig
+from dlseg.augment import check_config as check_augment
 from dlseg.config import option
 from dlseg.data import DataConfig
 from dlseg.errors import ConfigError
@@ -94,6 +95,10 @@ def check_config(cfg: TrainConfig) -> None:
                        "loader.val_workers": cfg.loader.val_workers or 0}.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    try:
+        check_augment(cfg.augment)       # the augmentation's own checks, as a one-line config error
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check_trackers(cfg.trackers)
     for name in cfg.allow_change:
         if name.split(".")[0] not in IDENTITY_FIELDS:

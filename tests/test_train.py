@@ -84,6 +84,8 @@ def test_config_precedence_defaults_recipe_cli(tmp_path):
     (["--epochs", "0"], "epochs"),
     (["--dist_timeout_s", "0"], "dist_timeout_s"),
     (["--trackers", "no_such_tracker"], "trackers"),
+    (["--augment.hflip", "1.5"], "augment.hflip"),
+    (["--augment.remap_points", "1"], "augment.remap_points"),
 ])
 def test_config_errors_exit_2_naming_the_key(argv, key, capsys, tmp_path):
     assert train_main([*argv, "--out", str(tmp_path / "r")]) == 2
