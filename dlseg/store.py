@@ -154,16 +154,29 @@ class StoreWriter:
                 out[child.name] = attrs
         return out
 
-    def complete_fingerprint(self, case_id: str) -> str | None:
-        """Source fingerprint of a complete case already in the store, else None."""
-        meta = self.path / case_id / "zarr.json"
-        if not meta.is_file():
-            return None
+    def complete_attrs(self, case_id: str) -> dict[str, Any] | None:
+        """Attributes of a complete case already in the store, else None."""
         try:
-            attrs = json.loads(meta.read_text()).get("attributes", {})
+            attrs = json.loads((self.path / case_id / "zarr.json").read_text()).get("attributes", {})
         except (OSError, ValueError):
             return None
-        return attrs.get("fingerprint") if attrs.get("complete") is True else None
+        return attrs if attrs.get("complete") is True else None
+
+    def complete_fingerprint(self, case_id: str) -> str | None:
+        """Source fingerprint of a complete case already in the store, else None."""
+        attrs = self.complete_attrs(case_id)
+        return None if attrs is None else attrs.get("fingerprint")
+
+    def case_version(self, case_id: str) -> tuple[int, int] | None:
+        """Which stored version of a case is in place (inode and mtime of its metadata), else None.
+
+        Every :meth:`write_case` installs a new folder, so the value changes even when the content is the same.
+        """
+        try:
+            st = (self.path / case_id / "zarr.json").stat()
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns
 
     def write_case(self, case: CaseData) -> None:
         """Write one case atomically: to ``.partial/`` first, then rename into place.

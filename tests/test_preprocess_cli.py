@@ -382,6 +382,30 @@ def test_a_dying_worker_fails_its_case_alone(tmp_path, workers):
         assert (out / f"CT-{p}" / "image").is_dir()
 
 
+def die_once_after_ct_3(store_path, src, labels, qa_dir):
+    """A converter whose worker dies once right after handling CT-3 (written or found unchanged)."""
+    res = process_case(store_path, src, labels, qa_dir)
+    marker = Path(store_path).parent / "died-once"
+    if src.case_id == "CT-3" and not marker.exists():
+        marker.touch()
+        os._exit(70)
+    return res
+
+
+def test_a_case_written_just_before_its_worker_died_is_reported_written(tmp_path):
+    src = tmp_path / "src"
+    for p in range(1, 5):
+        make_ct_patient(src, str(p), n=2, seed=p)
+    out = tmp_path / "o.zarr"
+    sources, _ = discover(str(src), "ct", "liver")
+    cfg = PreprocessConfig(src=str(src), out=str(out), modality="ct", workers=1)
+    first = {r.case_id: r.status for r in run_cases(cfg, sources, None, convert=die_once_after_ct_3)}
+    assert first == {f"CT-{p}": "written" for p in range(1, 5)}          # CT-3's retry found it in place
+    (tmp_path / "died-once").unlink()
+    again = {r.case_id: r.status for r in run_cases(cfg, sources, None, convert=die_once_after_ct_3)}
+    assert again == {f"CT-{p}": "skipped" for p in range(1, 5)}          # unchanged before the death: unchanged
+
+
 def test_workers_are_spawned_with_one_core_each(tmp_path):
     src = tmp_path / "src"
     for p in range(1, 4):

@@ -144,13 +144,23 @@ def run_cases(cfg: PreprocessConfig, sources: list[CaseSource], qa_dir: str | No
     time, each alone in a fresh process; the one that dies again fails alone and the cohort goes on.
     """
     job = partial(convert, cfg.out, labels=cfg.labels, qa_dir=qa_dir)
+    store = StoreWriter(cfg.out)
+    at_start = {src.case_id: store.case_version(src.case_id) for src in sources}
     todo = deque(sources)
     while todo:
         suspects = yield from convert_in_pool(max(1, min(cfg.workers, len(todo))), todo, job)
         for src in suspects:
-            if (yield from convert_in_pool(1, deque([src]), job)):
+            retried = list(convert_in_pool(1, deque([src]), job))   # empty: its process died again
+            if not retried:
                 yield CaseResult(src.case_id, "failed", src.slice_count, path=src.relative(src.image_files[:1])[0],
                                  reason=WORKER_DIED, subject=src.subject)
+            elif retried[0].status == "skipped" and store.case_version(src.case_id) != at_start[src.case_id]:
+                # its first worker wrote it before the pool broke, so the retry found it up to date
+                attrs = store.complete_attrs(src.case_id) or {}
+                yield CaseResult(src.case_id, "written", src.slice_count, notes=attrs.get("notes", []),
+                                 subject=src.subject)
+            else:
+                yield retried[0]
 
 
 def run(cfg: PreprocessConfig, show_progress: bool = True) -> RunReport:
