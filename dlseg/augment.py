@@ -3,7 +3,7 @@
 Transforms, in the article's order, each applied independently with its own probability (``AugmentConfig``):
 horizontal flip, vertical flip, transpose, random scale ±``scale_limit``, random rotation by k·90°
 (k uniform in 0..3, as albumentations' RandomRotate90), random brightness/contrast; then, off unless asked for,
-a random intensity remap (below).
+a random intensity remap (below) and organ contrast (``dlseg.augment_organs``).
 
 Two deliberate departures from the article's albumentations 0.x code:
 
@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 import torch
 
+from dlseg.augment_organs import MAX_LABELS, OrganContrast, apply_organ_contrast
 from dlseg.config import option
 from dlseg.resample import Workspace, resample
 
@@ -60,9 +61,13 @@ class AugmentConfig:
     contrast_limit: float = option("multiplicative factor within [1 - l, 1 + l]", 0.2)
     remap: float = option("probability of a random, non-monotone intensity curve (0: never)", 0.0)
     remap_points: int = option("knots of the intensity curve (2: a random linear map, maybe inverted)", 5)
+    organ_contrast: float = option("probability of moving every labelled organ to its own random level (0: never)", 0.0)
+    organ_low: float = option("lowest organ level, in normalized intensity units", -1.5)
+    organ_high: float = option("highest organ level, in normalized intensity units", 3.0)
+    organ_sigma: float = option("pixels over which an organ's shift fades out at its border", 2.0)
 
 
-PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "brightness_contrast", "remap")
+PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "brightness_contrast", "remap", "organ_contrast")
 
 
 def check_config(cfg: AugmentConfig) -> None:
@@ -77,6 +82,9 @@ def check_config(cfg: AugmentConfig) -> None:
             raise ValueError(f"augment.{key}: must be within [0, 1), got {value!r}")
     if cfg.remap_points < 2:
         raise ValueError(f"augment.remap_points: need at least 2 knots, got {cfg.remap_points!r}")
+    if not cfg.organ_low < cfg.organ_high or cfg.organ_sigma < 0:
+        raise ValueError(f"augment.organ_low/organ_high/organ_sigma: need low < high and sigma >= 0, got "
+                         f"{cfg.organ_low!r}, {cfg.organ_high!r}, {cfg.organ_sigma!r}")
 
 
 GEOMETRIC_KEYS = ("hflip", "vflip", "transpose", "rotate90")
@@ -160,6 +168,8 @@ def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compos
         ]
         if cfg.remap > 0:   # only when asked for: the article's random streams stay as they were
             steps.append(IntensityRemap(cfg.remap_points, p=cfg.remap))
+        if cfg.organ_contrast > 0:
+            steps.append(OrganContrast(cfg.organ_low, cfg.organ_high, cfg.organ_sigma, p=cfg.organ_contrast))
     transform = A.Compose(steps)
     seed_transform(transform, seed)
     return transform
@@ -215,6 +225,8 @@ class AugmentParams:
     brightness: torch.Tensor   # float32 offset b
     remap: torch.Tensor | None = None   # bool: intensity curve applied
     knots: torch.Tensor | None = None   # float32 (N, remap_points): curve values as fractions of the range
+    organ_contrast: torch.Tensor | None = None   # bool: organ levels applied
+    organ_levels: torch.Tensor | None = None     # float32 (N, MAX_LABELS): level of label c in column c - 1
 
 
 class BatchAugment:
@@ -258,6 +270,10 @@ class BatchAugment:
         if self.cfg.remap > 0:
             r = torch.rand((n, 1 + self.cfg.remap_points), generator=generator, device=device)
             params.remap, params.knots = r[:, 0] < self.cfg.remap, r[:, 1:]
+        if self.cfg.organ_contrast > 0:
+            r = torch.rand((n, 1 + MAX_LABELS), generator=generator, device=device)
+            span = self.cfg.organ_high - self.cfg.organ_low
+            params.organ_contrast, params.organ_levels = r[:, 0] < self.cfg.organ_contrast, self.cfg.organ_low + r[:, 1:] * span
         return params
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -286,6 +302,8 @@ class BatchAugment:
                                     in_place=symmetric or cfg.scale > 0)   # resample's output is ours
         if cfg.remap > 0 and params.remap is not None:
             image = apply_remap(image, params.remap, params.knots)
+        if cfg.organ_contrast > 0 and params.organ_contrast is not None:
+            image = apply_organ_contrast(image, mask, params.organ_contrast, params.organ_levels, cfg.organ_sigma)
         return image, mask
 
 
