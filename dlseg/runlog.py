@@ -73,6 +73,16 @@ def data_wait_hint(fraction: float, augment_on: str, workers: int) -> str:
                    "loader.cache_mb so that the split stays cached, or loader.workers for reads that cannot be")
 
 
+MISSED_DICE = 0.05   # a structure scored below this at the end was not learned: a failed run, not a weak one
+
+
+def missed_class_warnings(class_dice: dict[str, float]) -> list[str]:
+    """One warning per structure the final model barely finds on the validation patients (Dice below 0.05)."""
+    return [f"warning: {name}: validation Dice {dice:.2f} at the last epoch: this model has not learned it; "
+            "train again with another --seed (or look at its ground truth) before using the model"
+            for name, dice in class_dice.items() if dice < MISSED_DICE]
+
+
 def epoch_table(epoch: int, epochs: int, row: dict[str, Any]) -> Table:
     """The end-of-epoch table printed from a ``metrics.jsonl`` row."""
     table = Table(title=f"epoch {epoch + 1}/{epochs}", show_header=True, header_style="bold")

@@ -35,7 +35,8 @@ from dlseg.optim import build_optimizer, build_scheduler
 from dlseg.preemption import EXIT_PREEMPTED, PreemptFlag, clear_marker, write_marker
 from dlseg.ranks import watch_ranks
 from dlseg.runlog import (
-    EpochStats, RunLog, RunTotals, data_wait_hint, epoch_line, epoch_table, flat_config, tracker_values,
+    EpochStats, RunLog, RunTotals, data_wait_hint, epoch_line, epoch_table, flat_config, missed_class_warnings,
+    tracker_values,
 )
 from dlseg.shard_debug import write_shard_record
 from dlseg.store import Store
@@ -297,6 +298,9 @@ class Trainer:
         if row["data_wait_fraction"] > cfg.wait_warn_fraction and not self.warned_wait:
             self.warned_wait = True
             self.log.write(data_wait_hint(row["data_wait_fraction"], cfg.augment_on, cfg.loader.workers))
+        if epoch == cfg.epochs - 1:
+            for warning in missed_class_warnings(row["val_dice_class"]):
+                self.log.write(warning)
         if cfg.trackers:
             acc.log(tracker_values(row), step=epoch)
 

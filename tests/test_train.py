@@ -27,7 +27,7 @@ from dlseg.distributed import check_launch
 from dlseg.export import export_model, load_model
 from dlseg.optim import SchedConfig, lr_factor
 from dlseg.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
-from dlseg.runlog import data_wait_hint
+from dlseg.runlog import data_wait_hint, missed_class_warnings
 from dlseg.store import CaseData, Store
 from dlseg.task import ensure_synthetic
 from dlseg.train import main as train_main
@@ -355,3 +355,11 @@ def test_data_wait_hint_names_the_cure_for_the_setup():
     assert "--loader.workers 0" in device_workers and "4 loader worker(s)" in device_workers
     device_main = data_wait_hint(0.6, "device", 0)
     assert "first epoch" in device_main and "loader.cache_mb" in device_main and "--loader.workers 0" not in device_main
+
+
+def test_a_structure_not_learned_by_the_last_epoch_is_named():
+    lines = missed_class_warnings({"liver": 0.91, "right kidney": 0.0, "spleen": 0.049, "left kidney": 0.05})
+    assert [line.split(":")[1].strip() for line in lines] == ["right kidney", "spleen"]
+    assert lines[0].startswith("warning: right kidney: validation Dice 0.00 at the last epoch")
+    assert "--seed" in lines[1]
+    assert missed_class_warnings({"liver": 0.2}) == []
