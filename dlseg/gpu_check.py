@@ -1,8 +1,8 @@
 """``python -m dlseg.gpu_check``: the paths CPU tests cannot reach, checked on one machine (``launch/gpu_check.sh``).
 
 For each precision (``no``, ``fp16`` with loss scaling, ``bf16``) a small U-Net trains on a synthetic store with
-channels_last and augmentation on the device: 2 epochs uninterrupted, and 1 epoch then ``--epochs 2 --resume
-auto``; the resumed run's final weights must lie within ``RESUME_TOL`` of the uninterrupted run's. With two or
+channels_last and augmentation on the device (organ contrast included): 2 epochs uninterrupted, and 1 epoch then
+``--epochs 2 --resume auto``; the resumed run's final weights must lie within ``RESUME_TOL`` of the uninterrupted run's. With two or
 more GPUs a 2-process DDP run trains too. The fp32 model then predicts the validation cases on the device and on
 the CPU: probabilities within ``PROB_TOL``, labels differing on at most ``LABEL_TOL`` of the voxels.
 
@@ -130,7 +130,8 @@ class Checker:
                "--epochs", str(epochs), "--mixed-precision", precision, "--model.base-width", str(s.width),
                "--model.depth", str(s.depth), "--model.channels-last", "true", "--loader.size", str(s.size),
                "--loader.batch-size", str(s.batch), "--loader.val-batch-size", str(2 * s.batch),
-               "--loader.workers", "0", "--augment-on", "device", "--checkpoint-every-steps", "0", *extra]
+               "--loader.workers", "0", "--augment-on", "device", "--augment.organ-contrast", "0.3",
+               "--checkpoint-every-steps", "0", *extra]
         run.parent.mkdir(parents=True, exist_ok=True)
         log = run.parent / f"{run.name}.log"
         with open(log, "a") as f:
