@@ -67,7 +67,8 @@ class AugmentConfig:
     organ_sigma: float = option("pixels over which an organ's shift fades out at its border", 2.0)
 
 
-PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "brightness_contrast", "remap", "organ_contrast")
+PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "brightness_contrast", "remap",
+                    "organ_contrast")
 
 
 def check_config(cfg: AugmentConfig) -> None:
@@ -273,7 +274,8 @@ class BatchAugment:
         if self.cfg.organ_contrast > 0:
             r = torch.rand((n, 1 + MAX_LABELS), generator=generator, device=device)
             span = self.cfg.organ_high - self.cfg.organ_low
-            params.organ_contrast, params.organ_levels = r[:, 0] < self.cfg.organ_contrast, self.cfg.organ_low + r[:, 1:] * span
+            params.organ_contrast = r[:, 0] < self.cfg.organ_contrast
+            params.organ_levels = self.cfg.organ_low + r[:, 1:] * span
         return params
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
