@@ -92,11 +92,12 @@ def apply_organ_contrast(image: torch.Tensor, mask: torch.Tensor, flag: torch.Te
                          sigma: float) -> torch.Tensor:
     """Each flagged sample's labels shifted to ``levels[:, label - 1]`` (N, MAX_LABELS); one host sync per batch."""
     top = min(int(mask.max()), levels.shape[1])
-    out = image.float()
+    source = image.float()   # every organ's mean is taken before any shift
+    out = source
     for label in range(1, top + 1):
         inside = (mask == label).float()
         count = inside.sum((1, 2))
-        mean = (image.float() * inside[:, None]).sum((1, 2, 3)) / (count * image.shape[1]).clamp_min(1)
+        mean = (source * inside[:, None]).sum((1, 2, 3)) / (count * image.shape[1]).clamp_min(1)
         shift = torch.where(flag & (count > 0), levels[:, label - 1] - mean, torch.zeros_like(mean))
         weight = blur(inside, sigma) if sigma > 0 else inside
         out = out + weight[:, None] * shift.view(-1, 1, 1, 1)
