@@ -146,11 +146,8 @@ class StoreWriter:
         for child in sorted(self.path.iterdir()):
             if child.name.startswith(".") or not child.is_dir():
                 continue
-            try:
-                attrs = json.loads((child / "zarr.json").read_text()).get("attributes", {})
-            except (OSError, ValueError):
-                continue
-            if attrs.get("complete") is True:
+            attrs = self.complete_attrs(child.name)
+            if attrs is not None:
                 out[child.name] = attrs
         return out
 
