@@ -2,8 +2,8 @@
 
 For each precision (``no``, ``fp16`` with loss scaling, ``bf16``) a small U-Net trains on a synthetic store with
 channels_last and augmentation on the device (organ contrast included): 2 epochs uninterrupted, and 1 epoch then
-``--epochs 2 --resume auto``; the resumed run's final weights must lie within ``RESUME_TOL`` of the uninterrupted run's. With two or
-more GPUs a 2-process DDP run trains too. The fp32 model then predicts the validation cases on the device and on
+``--epochs 2 --resume auto``; the resumed run's final weights must lie within ``RESUME_TOL`` of the uninterrupted
+run's. With two or more GPUs a 2-process DDP run trains too. The fp32 model then predicts the validation cases on the device and on
 the CPU: probabilities within ``PROB_TOL``, labels differing on at most ``LABEL_TOL`` of the voxels.
 
 ``--device cpu --quick`` runs the same logic on the CPU with tiny sizes (the test suite does; fp16 and DDP are
