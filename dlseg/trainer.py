@@ -33,7 +33,7 @@ from dlseg.memory import fit_loaders
 from dlseg.model import arch_dict, build_model
 from dlseg.optim import build_optimizer, build_scheduler
 from dlseg.preemption import EXIT_PREEMPTED, PreemptFlag, clear_marker, write_marker
-from dlseg.ranks import watch_ranks
+from dlseg.ranks import RankWatch, watch_ranks
 from dlseg.runlog import (
     EpochStats, RunLog, RunTotals, data_wait_hint, epoch_line, epoch_table, flat_config, missed_class_warnings,
     tracker_values,
@@ -82,12 +82,14 @@ def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
 class Trainer:
     """One training run: everything it holds is built here; :meth:`fit` runs it and returns an exit status."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, watch: RankWatch | None = None):
         check_config(cfg)
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.accelerator = acc = Accelerator(**accelerator_kwargs(cfg))
         check_launch(acc)
+        if watch is not None:   # from here a hung peer is caught even where no collective would time out
+            watch.start(cfg.dist_timeout_s)
         self.threads = set_cpu_threads(acc, cfg)
         with acc.local_main_process_first():
             self.store_path = Path(cfg.data) if cfg.data else ensure_synthetic(cfg)
@@ -387,8 +389,8 @@ class Trainer:
 def run(cfg: TrainConfig) -> int:
     """Train as configured; returns the exit status (0, EXIT_PREEMPTED); RankLostError when another rank died."""
     with watch_ranks(int(os.environ.get("RANK", 0) or 0), int(os.environ.get("WORLD_SIZE", 1) or 1),
-                     Path(cfg.out) / "train.log"):
-        trainer = Trainer(cfg)
+                     Path(cfg.out) / "train.log") as watch:
+        trainer = Trainer(cfg, watch)
         try:
             return trainer.fit()
         finally:

@@ -13,7 +13,9 @@ import pytest
 import torch.distributed as dist
 
 from dlseg.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
-from dlseg.ranks import EXIT_RANK_LOST, RankLostError, is_collective_error, leave_reason, report, roll_call
+from dlseg.ranks import (
+    EXIT_RANK_LOST, RankLostError, Watchdog, _key, is_collective_error, leave_reason, report, roll_call,
+)
 from helpers import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,9 +52,8 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, limit_s: float = 18
     raise AssertionError(f"{text!r} never appeared in {path} (launcher exit {proc.poll()})")
 
 
-# A hung rank (SIGSTOP) is left out: it was reported within dist_timeout_s + 25 s in some runs and not in others
-# under load (the survivor's wait is not always bounded by the process group's timeout yet).
-@pytest.mark.parametrize("fault, timeout_s", [("kill", 60)])
+# A hung rank (SIGSTOP) is found by the survivor's watchdog (no heartbeat for dist_timeout_s), wherever it waits.
+@pytest.mark.parametrize("fault, timeout_s", [("kill", 60), ("hang", 20)])
 def test_a_rank_lost_mid_epoch_stops_the_job_with_one_message(synthetic_store, tmp_path, fault, timeout_s):
     out = tmp_path / "run"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
@@ -81,6 +82,8 @@ def test_a_rank_lost_mid_epoch_stops_the_job_with_one_message(synthetic_store, t
     assert err.count(LOST) == 1 and "[rank0]: Traceback" not in err, err[-3000:]
     log = (out / "train.log").read_text()
     assert log.count(LOST) == 1 and "--resume auto" in log
+    if fault == "hang":   # found by the watchdog: gloo's own timeout does not bound every wait
+        assert f"{LOST} (no heartbeat for " in log
     assert not (out / PREEMPTED_MARKER).exists()
 
 
@@ -104,3 +107,70 @@ def test_collective_errors_are_told_from_other_errors():
     assert not is_collective_error(ValueError("shapes do not match"))
     assert not is_collective_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_collective_error(RuntimeError("DataLoader timed out after 60 seconds"))
+
+
+class _Hung:
+    """on_hung callback: records what the watchdog reported."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[int], float]] = []
+
+    def __call__(self, ranks: list[int], silent_s: float) -> None:
+        self.calls.append((ranks, silent_s))
+
+
+def _watch(store, rank, world, timeout_s=0.6, every_s=0.05) -> tuple[Watchdog, _Hung]:
+    hung = _Hung()
+    dog = Watchdog(store, rank, world, timeout_s, hung, every_s)
+    dog.start()
+    return dog, hung
+
+
+def test_watchdog_names_the_peer_whose_heartbeat_stopped():
+    store = dist.HashStore()
+    dogs = [_watch(store, r, 3) for r in range(3)]
+    time.sleep(0.5)
+    dogs[2][0].stop()                       # rank 2 freezes: its counter stops
+    for dog, _ in dogs[:2]:
+        dog.join(timeout=5)
+    dogs[2][0].join()
+    for dog, hung in dogs[:2]:
+        assert not dog.is_alive()
+        assert len(hung.calls) == 1 and hung.calls[0][0] == [2] and 0.6 <= hung.calls[0][1] < 5
+    assert dogs[2][1].calls == []           # the frozen rank itself reported nothing
+    assert int(store.get(_key("beat", 0))) >= 10
+
+
+def test_watchdog_leaves_finished_and_failed_ranks_alone():
+    store = dist.HashStore()
+    store.set(_key("done", 1), "1")         # rank 1 finished on purpose; rank 2 left a reason: neither beats
+    leave_reason(store, 2, "ConfigError: bad value")
+    dog, hung = _watch(store, 0, 3, timeout_s=0.3)
+    time.sleep(1.0)
+    dog.stop()
+    dog.join()
+    assert hung.calls == []
+
+
+def test_watchdog_that_was_stopped_itself_does_not_blame_its_peers(monkeypatch):
+    """After ``scontrol suspend`` every clock jumps: the peers get a fresh timeout instead of being reported."""
+    store = dist.HashStore()
+    peer, _ = _watch(store, 1, 2, timeout_s=60)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    dog, hung = _watch(store, 0, 2, timeout_s=0.5, every_s=0.05)
+    peer.stop()
+    peer.join()
+    clock[0] += 3600.0                       # this process and its peer were both stopped for an hour
+    _until(lambda: dog.since[1] == clock[0])
+    assert hung.calls == [] and dog.is_alive()
+    clock[0] += 1.0                          # then the peer really stays silent
+    dog.join(timeout=10)
+    assert hung.calls == [([1], 1.0)]
+
+
+def _until(condition, limit_s: float = 10.0) -> None:
+    deadline = time.perf_counter() + limit_s
+    while not condition():
+        assert time.perf_counter() < deadline, "condition not reached"
+        time.sleep(0.01)
