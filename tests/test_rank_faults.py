@@ -20,7 +20,7 @@ from helpers import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "dlseg" / "train.py")
-LOST = "distributed: rank 1 stopped answering"
+LOST = "distributed: rank {} stopped answering"
 SLACK_S = 25          # start of the survivor's next collective, the roll call, the launcher's tear-down
 
 
@@ -52,9 +52,11 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, limit_s: float = 18
     raise AssertionError(f"{text!r} never appeared in {path} (launcher exit {proc.poll()})")
 
 
-# A hung rank (SIGSTOP) is found by the survivor's watchdog (no heartbeat for dist_timeout_s), wherever it waits.
-@pytest.mark.parametrize("fault, timeout_s", [("kill", 60), ("hang", 20)])
-def test_a_rank_lost_mid_epoch_stops_the_job_with_one_message(synthetic_store, tmp_path, fault, timeout_s):
+# A hung rank (SIGSTOP) is found by the survivor's watchdog (no heartbeat for dist_timeout_s), wherever it waits;
+# a hung rank 0 is reported by rank 1 (the rendezvous store lives in the launcher, not in rank 0).
+@pytest.mark.parametrize("fault, timeout_s, victim", [("kill", 60, 1), ("hang", 20, 1), ("hang", 20, 0)])
+def test_a_rank_lost_mid_epoch_stops_the_job_with_one_message(synthetic_store, tmp_path, fault, timeout_s, victim):
+    lost = LOST.format(victim)
     out = tmp_path / "run"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -64,13 +66,13 @@ def test_a_rank_lost_mid_epoch_stops_the_job_with_one_message(synthetic_store, t
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(out / "train.log", "(periodic)", proc)          # mid-epoch: after the first periodic checkpoint
-        victim = _rank_pid(proc.pid, 1)
-        assert victim is not None
-        os.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        pid = _rank_pid(proc.pid, victim)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
         faulted = time.monotonic()
         if fault == "hang":   # the survivor waits out its collective timeout; then the stuck rank is ended
-            _wait_for(out / "train.log", LOST, proc, timeout_s + SLACK_S)
-            os.kill(victim, signal.SIGKILL)
+            _wait_for(out / "train.log", lost, proc, timeout_s + SLACK_S)
+            os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=timeout_s + SLACK_S)
         elapsed = time.monotonic() - faulted
     finally:
@@ -79,11 +81,11 @@ def test_a_rank_lost_mid_epoch_stops_the_job_with_one_message(synthetic_store, t
             proc.wait()
     assert proc.returncode not in (0, EXIT_PREEMPTED)
     assert elapsed < timeout_s + SLACK_S
-    assert err.count(LOST) == 1 and "[rank0]: Traceback" not in err, err[-3000:]
+    assert err.count(lost) == 1 and "[rank0]: Traceback" not in err, err[-3000:]
     log = (out / "train.log").read_text()
-    assert log.count(LOST) == 1 and "--resume auto" in log
+    assert log.count(lost) == 1 and "--resume auto" in log
     if fault == "hang":   # found by the watchdog: gloo's own timeout does not bound every wait
-        assert f"{LOST} (no heartbeat for " in log
+        assert f"{lost} (no heartbeat for " in log
     assert not (out / PREEMPTED_MARKER).exists()
 
 
