@@ -221,6 +221,10 @@ class RankWatch:
         if not self.exiting.acquire(blocking=False):
             return
         call = RollCall(self.world, alive=set(range(self.world)) - set(ranks), silent_s=silent_s)
+        if self.rank != call.reporter:   # the reporter may not have noticed yet: say why this rank leaves, give it time
+            store = self.watchdog.store if self.watchdog is not None else None
+            leave_reason(store, self.rank, f"gave up on rank {', '.join(map(str, ranks))} (no heartbeat)")
+            time.sleep(2 * (self.watchdog.every_s if self.watchdog is not None else ROLL_CALL_S))
         error = report(call, self.rank, self.log_path)
         if self.rank == call.reporter == 0:
             err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
