@@ -145,7 +145,10 @@ def report(call: RollCall, rank: int, log_path: Path | None) -> RankLostError:
 
 class Watchdog(threading.Thread):
     """Beats this rank's counter in the store every ``every_s``; calls ``on_hung(ranks, silent_s)`` once when peers'
-    counters stand still for ``timeout_s`` (ranks that finished or left a reason are not watched)."""
+    counters stand still for ``timeout_s`` (ranks that finished or left a reason are not watched).
+
+    It shares the process group's store client with the main thread: a TCPStore client serializes its operations.
+    """
 
     def __init__(self, store: dist.Store, rank: int, world: int, timeout_s: float,
                  on_hung: Callable[[list[int], float], None], every_s: float | None = None):
