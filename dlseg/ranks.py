@@ -153,7 +153,7 @@ class Watchdog(threading.Thread):
     def __init__(self, store: dist.Store, rank: int, world: int, timeout_s: float,
                  on_hung: Callable[[list[int], float], None], every_s: float | None = None):
         super().__init__(daemon=True, name="dlseg-rank-watchdog")
-        self.store, self.rank, self.world, self.timeout_s, self.on_hung = store, rank, world, timeout_s, on_hung
+        self.store, self.rank, self.timeout_s, self.on_hung = store, rank, timeout_s, on_hung
         self.every_s = every_s if every_s is not None else min(5.0, timeout_s / 6)
         self.stopped = threading.Event()
         self.peers = [r for r in range(world) if r != rank]
@@ -223,11 +223,12 @@ class RankWatch:
         """From the watchdog thread: report the hung peers and end this process (its main thread may never return)."""
         if not self.exiting.acquire(blocking=False):
             return
+        dog = self.watchdog
+        assert dog is not None   # only the watchdog calls this
         call = RollCall(self.world, alive=set(range(self.world)) - set(ranks), silent_s=silent_s)
         if self.rank != call.reporter:   # the reporter may not have noticed yet: say why this rank leaves, give it time
-            store = self.watchdog.store if self.watchdog is not None else None
-            leave_reason(store, self.rank, f"gave up on rank {', '.join(map(str, ranks))} (no heartbeat)")
-            time.sleep(2 * (self.watchdog.every_s if self.watchdog is not None else ROLL_CALL_S))
+            leave_reason(dog.store, self.rank, f"gave up on rank {', '.join(map(str, ranks))} (no heartbeat)")
+            time.sleep(2 * dog.every_s)
         error = report(call, self.rank, self.log_path)
         if self.rank == call.reporter == 0:
             err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
