@@ -70,7 +70,7 @@ def test_a_rank_lost_mid_epoch_stops_the_job_with_one_message(synthetic_store, t
         assert pid is not None
         os.kill(pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
         faulted = time.monotonic()
-        if fault == "hang":   # the survivor waits out its collective timeout; then the stuck rank is ended
+        if fault == "hang":   # the survivor's watchdog names it after dist_timeout_s; then the stuck rank is ended
             _wait_for(out / "train.log", lost, proc, timeout_s + SLACK_S)
             os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=timeout_s + SLACK_S)
