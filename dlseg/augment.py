@@ -3,7 +3,8 @@
 Transforms, in the article's order, each applied independently with its own probability (``AugmentConfig``):
 horizontal flip, vertical flip, transpose, random scale ±``scale_limit``, random rotation by k·90°
 (k uniform in 0..3, as albumentations' RandomRotate90), random brightness/contrast; then, off unless asked for,
-a random intensity remap (below) and organ contrast (``dlseg.augment_organs``).
+a random intensity remap (``dlseg.augment_remap``), organ contrast (``dlseg.augment_organs``) and a bias field
+(``dlseg.augment_field``).
 
 Two deliberate departures from the article's albumentations 0.x code:
 
@@ -19,13 +20,6 @@ Two deliberate departures from the article's albumentations 0.x code:
   window's half-width; contrast scales about 0 (the body mean for MR, the window centre for CT). This is
   albumentations' formula for a [0, 1] image (brightness_by_max) without the clip.
 
-**Intensity remap** (not in the article; ``remap`` = 0 by default): the sample's intensity range [min, max] (all its
-channels together) is mapped through a random piecewise-linear curve through ``remap_points`` equally spaced knots
-whose values are uniform in the same range: not monotone, so tissues may swap their order of brightness. It makes
-a model lean on shape and position rather than on one scanner's contrast (in the spirit of the random intensity
-networks of Ouyang et al., "Causality-inspired single-source domain generalization", 2021), for example when an
-organ's signal is abnormal (iron overload darkens liver and spleen on T2).
-
 Both paths draw the same distributions; they do not reproduce each other's random streams.
 """
 
@@ -40,7 +34,9 @@ import cv2
 import numpy as np
 import torch
 
+from dlseg.augment_field import FIELD_TERMS, BiasField, apply_bias_field
 from dlseg.augment_organs import MAX_LABELS, OrganContrast, apply_organ_contrast
+from dlseg.augment_remap import IntensityRemap, apply_remap
 from dlseg.config import option
 from dlseg.resample import Workspace, resample
 
@@ -65,10 +61,12 @@ class AugmentConfig:
     organ_low: float = option("lowest organ level, in normalized intensity units", -1.5)
     organ_high: float = option("highest organ level, in normalized intensity units", 3.0)
     organ_sigma: float = option("pixels over which an organ's shift fades out at its border", 2.0)
+    bias_field: float = option("probability of a smooth random gain across the slice, as MR coils make (0: never)", 0.0)
+    bias_field_limit: float = option("each coefficient of the gain's log-polynomial within ±l", 0.3)
 
 
 PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "brightness_contrast", "remap",
-                    "organ_contrast")
+                    "organ_contrast", "bias_field")
 
 
 def check_config(cfg: AugmentConfig) -> None:
@@ -77,7 +75,7 @@ def check_config(cfg: AugmentConfig) -> None:
         value = getattr(cfg, key)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"augment.{key}: probability must be within [0, 1], got {value!r}")
-    for key in ("scale_limit", "brightness_limit", "contrast_limit"):
+    for key in ("scale_limit", "brightness_limit", "contrast_limit", "bias_field_limit"):
         value = getattr(cfg, key)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"augment.{key}: must be within [0, 1), got {value!r}")
@@ -122,30 +120,6 @@ class NormalizedBrightnessContrast(A.ImageOnlyTransform):
         return ("brightness_limit", "contrast_limit")
 
 
-class IntensityRemap(A.ImageOnlyTransform):
-    """The image's [min, max] through a random piecewise-linear curve (knot values uniform in that range)."""
-
-    def __init__(self, points: int = 5, p: float = 0.5):
-        super().__init__(p=p)
-        self.points = points
-
-    def get_params(self) -> dict[str, list[float]]:
-        """Draw the knot values, as fractions of the range, from the step's seeded RNG."""
-        return {"knots": [self.py_random.random() for _ in range(self.points)]}
-
-    def apply(self, img: np.ndarray, knots: tuple[float, ...] = (0.0, 1.0), **params: Any) -> np.ndarray:
-        """Every channel through the same curve, in the image's dtype."""
-        lo, hi = float(img.min()), float(img.max())
-        if hi <= lo:
-            return img
-        grid = np.linspace(lo, hi, len(knots))
-        return np.interp(img, grid, lo + np.asarray(knots) * (hi - lo)).astype(img.dtype, copy=False)
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        """Constructor arguments shown in ``repr`` and serialization."""
-        return ("points",)
-
-
 def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compose:
     """One-sample transform: ``t(image=float32 (H,W) or (H,W,C), mask=uint8 (H,W))``; square slices expected.
 
@@ -171,6 +145,8 @@ def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compos
             steps.append(IntensityRemap(cfg.remap_points, p=cfg.remap))
         if cfg.organ_contrast > 0:
             steps.append(OrganContrast(cfg.organ_low, cfg.organ_high, cfg.organ_sigma, p=cfg.organ_contrast))
+        if cfg.bias_field > 0:
+            steps.append(BiasField(cfg.bias_field_limit, p=cfg.bias_field))
     transform = A.Compose(steps)
     seed_transform(transform, seed)
     return transform
@@ -228,6 +204,8 @@ class AugmentParams:
     knots: torch.Tensor | None = None   # float32 (N, remap_points): curve values as fractions of the range
     organ_contrast: torch.Tensor | None = None   # bool: organ levels applied
     organ_levels: torch.Tensor | None = None     # float32 (N, MAX_LABELS): level of label c in column c - 1
+    bias_field: torch.Tensor | None = None       # bool: gain field applied
+    field_coefficients: torch.Tensor | None = None   # float32 (N, len(TERMS)): the field's polynomial
 
 
 class BatchAugment:
@@ -276,6 +254,10 @@ class BatchAugment:
             span = self.cfg.organ_high - self.cfg.organ_low
             params.organ_contrast = r[:, 0] < self.cfg.organ_contrast
             params.organ_levels = self.cfg.organ_low + r[:, 1:] * span
+        if self.cfg.bias_field > 0:
+            r = torch.rand((n, 1 + len(FIELD_TERMS)), generator=generator, device=device)
+            params.bias_field = r[:, 0] < self.cfg.bias_field
+            params.field_coefficients = (2 * r[:, 1:] - 1) * self.cfg.bias_field_limit
         return params
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -306,6 +288,8 @@ class BatchAugment:
             image = apply_remap(image, params.remap, params.knots)
         if cfg.organ_contrast > 0 and params.organ_contrast is not None:
             image = apply_organ_contrast(image, mask, params.organ_contrast, params.organ_levels, cfg.organ_sigma)
+        if cfg.bias_field > 0 and params.bias_field is not None:
+            image = apply_bias_field(image, params.bias_field, params.field_coefficients)
         return image, mask
 
 
@@ -374,17 +358,3 @@ def apply_intensity(image: torch.Tensor, flag: torch.Tensor, contrast: torch.Ten
     b = torch.where(flag, brightness, torch.zeros_like(brightness)).to(image.dtype).view(-1, 1, 1, 1)
     # in place when the batch is already a fresh tensor; cheaper on a CPU than addcmul with a broadcast offset
     return (image.mul_(a) if in_place else image * a).add_(b)
-
-
-def apply_remap(image: torch.Tensor, flag: torch.Tensor, knots: torch.Tensor) -> torch.Tensor:
-    """Each flagged sample's [min, max] (over its channels) through its piecewise-linear curve ``knots`` (N, K)."""
-    n, k = knots.shape
-    flat = image.reshape(n, -1).float()
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
-    t = (flat - lo) / (hi - lo).clamp_min(1e-12) * (k - 1)          # position on the knot grid, 0..K-1
-    left = t.floor().clamp(0, k - 2)
-    frac = t - left
-    left = left.long()
-    y = torch.gather(knots, 1, left) * (1 - frac) + torch.gather(knots, 1, left + 1) * frac
-    out = torch.where(flag.view(-1, 1) & (hi > lo), lo + y * (hi - lo), flat)
-    return out.to(image.dtype).view_as(image)
