@@ -1,10 +1,11 @@
 """Bias field: a smooth, random intensity gain across a training sample, as MR coils and field inhomogeneity make.
 
 On MR the same tissue is brighter near a surface coil than far from it: a liver can be bright at the front and
-dark at the back of one slice, which a global brightness/contrast change never shows the model. For a sample drawn
-(probability ``augment.bias_field``), the image is multiplied by ``exp(f(x, y))``, where ``f`` is a polynomial of
-degree :data:`ORDER` in the slice's coordinates (scaled to [-1, 1]) without a constant term (a global gain is the
-contrast change's job), each coefficient uniform in ±``augment.bias_field_limit``.
+dark at the back of one slice, and its lower slices darker than its upper ones (the volume is normalized as a
+whole), which a brightness/contrast change about the mean never shows the model. For a sample drawn (probability
+``augment.bias_field``), the image is multiplied by ``exp(f(x, y))``, where ``f`` is a polynomial of degree
+:data:`ORDER` in the slice's coordinates (scaled to [-1, 1]), its constant term (the slice's overall gain)
+included, each coefficient uniform in ±``augment.bias_field_limit``.
 
 The gain multiplies the *raw* intensity, and samples arrive normalized (``(raw − m) / s``): the image's minimum
 stands in for raw zero (the air around the body), so the field is applied as ``lo + (x − lo)·exp(f)`` with ``lo``
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 ORDER = 3
-FIELD_TERMS = [(i, j) for i in range(ORDER + 1) for j in range(ORDER + 1 - i) if i + j > 0]   # x^i·y^j, no constant
+FIELD_TERMS = [(i, j) for i in range(ORDER + 1) for j in range(ORDER + 1 - i)]   # x^i·y^j, the constant first
 
 
 def field_numpy(coefficients: np.ndarray, height: int, width: int) -> np.ndarray:
