@@ -89,6 +89,10 @@ def test_the_batch_path_applies_the_field_to_about_its_probability_of_samples():
     changed = (out != img).flatten(1).any(1)
     assert 160 <= int(changed.sum()) <= 240
     assert torch.equal(out_mask, mask)
+    params = aug.sample(n, "cpu", torch.Generator().manual_seed(1))
+    c = params.field_coefficients
+    assert c.shape == (n, len(FIELD_TERMS)) and float(c.abs().max()) <= 0.3
+    assert float(c.min()) < -0.25 and float(c.max()) > 0.25          # the whole range is drawn
 
 
 @pytest.mark.parametrize("key, value", [("bias_field", 1.5), ("bias_field_limit", 1.0), ("bias_field_limit", -0.1)])
