@@ -205,7 +205,7 @@ class AugmentParams:
     organ_contrast: torch.Tensor | None = None   # bool: organ levels applied
     organ_levels: torch.Tensor | None = None     # float32 (N, MAX_LABELS): level of label c in column c - 1
     bias_field: torch.Tensor | None = None       # bool: gain field applied
-    field_coefficients: torch.Tensor | None = None   # float32 (N, len(TERMS)): the field's polynomial
+    field_coefficients: torch.Tensor | None = None   # float32 (N, len(FIELD_TERMS)): the field's polynomial
 
 
 class BatchAugment:
