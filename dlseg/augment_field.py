@@ -18,6 +18,7 @@ not share random streams.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import albumentations as A
@@ -28,14 +29,19 @@ ORDER = 3
 FIELD_TERMS = [(i, j) for i in range(ORDER + 1) for j in range(ORDER + 1 - i)]   # x^i·y^j, the constant first
 
 
-def field_numpy(coefficients: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``f`` on an (H, W) grid for one sample's coefficients (len(FIELD_TERMS),), float32."""
+@lru_cache(maxsize=8)
+def monomial_table(height: int, width: int) -> np.ndarray:
+    """(len(FIELD_TERMS), H, W) float32, read-only: every ``x^i·y^j`` of the field on the slice's grid (both paths)."""
     y = np.linspace(-1.0, 1.0, height, dtype=np.float32)[:, None]
     x = np.linspace(-1.0, 1.0, width, dtype=np.float32)[None, :]
-    f = np.zeros((height, width), dtype=np.float32)
-    for c, (i, j) in zip(coefficients, FIELD_TERMS):
-        f += np.float32(c) * (x ** i) * (y ** j)
-    return f
+    table = np.stack([(x ** i) * (y ** j) for i, j in FIELD_TERMS])
+    table.flags.writeable = False
+    return table
+
+
+def field_numpy(coefficients: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``f`` on an (H, W) grid for one sample's coefficients (len(FIELD_TERMS),), float32."""
+    return np.tensordot(np.asarray(coefficients, dtype=np.float32), monomial_table(height, width), axes=1)
 
 
 def apply_field_numpy(img: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
@@ -67,17 +73,11 @@ class BiasField(A.ImageOnlyTransform):
         return ("limit",)
 
 
-def monomials(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """(len(FIELD_TERMS), H, W) float32: every ``x^i·y^j`` of the field on the slice's grid."""
-    y = torch.linspace(-1.0, 1.0, height, device=device).view(-1, 1)
-    x = torch.linspace(-1.0, 1.0, width, device=device).view(1, -1)
-    return torch.stack([(x ** i) * (y ** j) for i, j in FIELD_TERMS])
-
-
 def apply_bias_field(image: torch.Tensor, flag: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
     """Each flagged sample of (N,C,H,W) under its field (``coefficients`` (N, len(FIELD_TERMS))); others unchanged."""
     n, _, h, w = image.shape
-    field = torch.einsum("nt,thw->nhw", coefficients.float(), monomials(h, w, image.device))
+    table = torch.tensor(monomial_table(h, w), device=image.device)   # a copy: the cached table stays read-only
+    field = torch.einsum("nt,thw->nhw", coefficients.float(), table)
     excess = torch.where(flag.view(-1, 1, 1), field.expm1(), torch.zeros_like(field))[:, None]   # gain − 1
     source = image.float()
     lo = source.reshape(n, -1).amin(1).view(-1, 1, 1, 1)
