@@ -57,7 +57,8 @@ class AugmentConfig:
     contrast_limit: float = option("multiplicative factor within [1 - l, 1 + l]", 0.2)
     remap: float = option("probability of a random, non-monotone intensity curve (0: never)", 0.0)
     remap_points: int = option("knots of the intensity curve (2: a random linear map, maybe inverted)", 5)
-    organ_contrast: float = option("probability of moving every labelled organ to its own random level (0: never)", 0.0)
+    organ_contrast: float = option("probability of moving labelled organs to their own random levels (0: never)", 0.0)
+    organ_labels: list[int] = option("labels organ contrast moves, e.g. 1,4 (empty: every label)", default_factory=list)
     organ_low: float = option("lowest organ level, in normalized intensity units", -1.5)
     organ_high: float = option("highest organ level, in normalized intensity units", 3.0)
     organ_sigma: float = option("pixels over which an organ's shift fades out at its border", 2.0)
@@ -84,6 +85,9 @@ def check_config(cfg: AugmentConfig) -> None:
     if not cfg.organ_low < cfg.organ_high or cfg.organ_sigma < 0:
         raise ValueError(f"augment.organ_low/organ_high/organ_sigma: need low < high and sigma >= 0, got "
                          f"{cfg.organ_low!r}, {cfg.organ_high!r}, {cfg.organ_sigma!r}")
+    if any(not 1 <= label <= MAX_LABELS for label in cfg.organ_labels):
+        raise ValueError(f"augment.organ_labels: each must be a foreground label within 1..{MAX_LABELS}, "
+                         f"got {cfg.organ_labels!r}")
 
 
 GEOMETRIC_KEYS = ("hflip", "vflip", "transpose", "rotate90")
@@ -144,7 +148,8 @@ def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compos
         if cfg.remap > 0:   # only when asked for: the article's random streams stay as they were
             steps.append(IntensityRemap(cfg.remap_points, p=cfg.remap))
         if cfg.organ_contrast > 0:
-            steps.append(OrganContrast(cfg.organ_low, cfg.organ_high, cfg.organ_sigma, p=cfg.organ_contrast))
+            steps.append(OrganContrast(cfg.organ_low, cfg.organ_high, cfg.organ_sigma, tuple(cfg.organ_labels),
+                                       p=cfg.organ_contrast))
         if cfg.bias_field > 0:
             steps.append(BiasField(cfg.bias_field_limit, p=cfg.bias_field))
     transform = A.Compose(steps)
@@ -287,7 +292,8 @@ class BatchAugment:
         if cfg.remap > 0 and params.remap is not None:
             image = apply_remap(image, params.remap, params.knots)
         if cfg.organ_contrast > 0 and params.organ_contrast is not None:
-            image = apply_organ_contrast(image, mask, params.organ_contrast, params.organ_levels, cfg.organ_sigma)
+            image = apply_organ_contrast(image, mask, params.organ_contrast, params.organ_levels, cfg.organ_sigma,
+                                         tuple(cfg.organ_labels))
         if cfg.bias_field > 0 and params.bias_field is not None:
             image = apply_bias_field(image, params.bias_field, params.field_coefficients)
         return image, mask

@@ -1,10 +1,12 @@
-"""Organ contrast: each labelled structure of a training sample moved to its own random intensity level.
+"""Organ contrast: labelled structures of a training sample moved to their own random intensity levels.
 
 A model that has only seen livers brighter than muscle misses a liver that is darker: iron overload darkens the liver
 and the spleen on T2, and fat, fibrosis or a contrast phase change other organs. This augmentation uses the label
 map to show the model such organs. For a sample drawn (probability ``augment.organ_contrast``), every label present
-gets a level uniform in [``organ_low``, ``organ_high``] (normalized intensity units, like the brightness shift), and
-its pixels are shifted so that their mean lies there; the texture inside the organ is kept (a shift, no scaling).
+(or every one of ``augment.organ_labels`` present, when that list is given: the organs whose signal varies in the
+cohort, so the others keep the intensity the model may rely on) gets a level uniform in [``organ_low``,
+``organ_high``] (normalized intensity units, like the brightness shift), and its pixels are shifted so that their
+mean lies there; the texture inside the organ is kept (a shift, no scaling).
 The shift fades out over a Gaussian of ``organ_sigma`` pixels at the organ's border, so no hard edge is painted
 where the mask ends (the neighbour slices of a 2.5D input do not follow the centre slice's mask exactly); every
 channel gets the same shift.
@@ -44,11 +46,12 @@ def shift_organs(img: np.ndarray, mask: np.ndarray, levels: dict[int, float], si
 
 
 class OrganContrast(A.ImageOnlyTransform):
-    """Every label in the sample's mask shifted to its own uniform level in [low, high] (see the module)."""
+    """Every label in the sample's mask (or in ``labels``, if given) shifted to its own uniform level in [low, high]."""
 
-    def __init__(self, low: float = -1.5, high: float = 3.0, sigma: float = 2.0, p: float = 0.5):
+    def __init__(self, low: float = -1.5, high: float = 3.0, sigma: float = 2.0, labels: tuple[int, ...] = (),
+                 p: float = 0.5):
         super().__init__(p=p)
-        self.low, self.high, self.sigma = low, high, sigma
+        self.low, self.high, self.sigma, self.labels = low, high, sigma, tuple(labels)
 
     @property
     def targets_as_params(self) -> list[str]:
@@ -57,7 +60,7 @@ class OrganContrast(A.ImageOnlyTransform):
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         """One level per label present, drawn from the step's seeded RNG in label order."""
-        labels = [int(v) for v in np.unique(data["mask"]) if v > 0]
+        labels = [int(v) for v in np.unique(data["mask"]) if v > 0 and (not self.labels or v in self.labels)]
         return {"organ_mask": data["mask"],
                 "levels": {c: self.py_random.uniform(self.low, self.high) for c in labels}}
 
@@ -68,7 +71,7 @@ class OrganContrast(A.ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         """Constructor arguments shown in ``repr`` and serialization."""
-        return ("low", "high", "sigma")
+        return ("low", "high", "sigma", "labels")
 
 
 def gaussian_kernel(sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -89,12 +92,15 @@ def blur(weight: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def apply_organ_contrast(image: torch.Tensor, mask: torch.Tensor, flag: torch.Tensor, levels: torch.Tensor,
-                         sigma: float) -> torch.Tensor:
-    """Each flagged sample's labels shifted to ``levels[:, label - 1]`` (N, MAX_LABELS); one host sync per batch."""
+                         sigma: float, labels: tuple[int, ...] = ()) -> torch.Tensor:
+    """Each flagged sample's labels (all, or those in ``labels``) shifted to ``levels[:, label - 1]`` (N, MAX_LABELS).
+
+    One host sync per batch.
+    """
     top = min(int(mask.max()), levels.shape[1])
     source = image.float()   # every organ's mean is taken before any shift
     out = source
-    for label in range(1, top + 1):
+    for label in (c for c in (labels or range(1, top + 1)) if c <= top):
         inside = (mask == label).float()
         count = inside.sum((1, 2))
         mean = (source * inside[:, None]).sum((1, 2, 3)) / (count * image.shape[1]).clamp_min(1)

@@ -1,4 +1,4 @@
-"""Organ contrast: each labelled organ moved to its own random level; both paths, probabilities, exact values."""
+"""Organ contrast: labelled organs moved to their own random levels; both paths, probabilities, exact values."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from scipy.ndimage import binary_dilation, binary_erosion
 
 from dlseg.augment import AugmentConfig, BatchAugment, build_cpu_transform
 from dlseg.augment_organs import MAX_LABELS, apply_organ_contrast, shift_organs
+from dlseg.config import parse_args
+from dlseg.train_config import TrainConfig
 
 SIZE, SIGMA = 48, 1.0
 RADIUS = math.ceil(4 * SIGMA)          # the blur's reach: beyond it an organ's shift is exactly 0 or exactly 1
@@ -116,3 +118,33 @@ def test_off_by_default_and_validated():
     for bad in ({"organ_low": 1.0, "organ_high": 1.0}, {"organ_sigma": -1.0}, {"organ_contrast": 1.5}):
         with pytest.raises(ValueError, match="augment.organ"):
             BatchAugment(replace(ORGANS, **bad))
+
+
+@pytest.mark.parametrize("path", ["cpu", "batch"])
+def test_organ_labels_moves_only_the_listed_labels(path):
+    n, img, mask = 40, textured_image(), two_organs()
+    cfg = replace(ORGANS, organ_labels=[3])
+    if path == "cpu":
+        t = build_cpu_transform(cfg, seed=0)
+        outs = [t(image=img, mask=mask)["image"] for _ in range(n)]
+    else:
+        timg = torch.from_numpy(img).expand(n, 1, SIZE, SIZE).contiguous()
+        tmask = torch.from_numpy(mask).expand(n, SIZE, SIZE).contiguous()
+        out, _ = BatchAugment(cfg)(timg, tmask, generator=torch.Generator().manual_seed(0))
+        outs = list(out[:, 0].numpy())
+    reach_3 = binary_dilation(mask == 3, SQUARE, iterations=RADIUS + 1)
+    inside_3 = regions(mask)[3]
+    for o in outs:
+        np.testing.assert_array_equal(o[~reach_3], img[~reach_3])         # label 1 and the background untouched
+        level = (o - img)[inside_3].mean() + img[mask == 3].mean()
+        assert -1.5 - 1e-4 <= level <= 3.0 + 1e-4
+    assert np.std([(o - img)[inside_3].mean() for o in outs]) > 0.5        # label 3 drawn anew each time
+
+
+def test_organ_labels_from_the_command_line_and_validated():
+    cfg = parse_args(TrainConfig, ["--augment.organ_labels", "1,4"], prog="train", description="")
+    assert cfg.augment.organ_labels == [1, 4]
+    assert AugmentConfig().organ_labels == []
+    for bad in ([0], [MAX_LABELS + 1]):
+        with pytest.raises(ValueError, match="augment.organ_labels"):
+            BatchAugment(replace(ORGANS, organ_labels=bad))
