@@ -82,9 +82,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
 
 def _coerce_union(key: str, args: tuple[Any, ...], value: Any) -> Any:
     """``X | None`` and other unions: None for none/null when allowed, else the first member that accepts it."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-        if type(None) in args:
-            return None
+    if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
     errors = []
     for a in args:
         if a is type(None):

@@ -103,29 +103,57 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
     small = str(replicated_tree(cohort.chaos, small_n, scratch / f"cohort-{small_n}"))
     chaos = str(replicated_tree(cohort.chaos, large_n, scratch / f"cohort-{large_n}"))
     n = default_workers(cfg)
-    cores = len(usable_cores())
-    opts = {"isolate": cfg.isolate, "threads": cfg.threads}
     runs = {"decode": (decode_all, chaos), "w1": (convert_all, chaos, str(scratch / "w1.zarr"), 1),
             "wN": (convert_all, chaos, str(scratch / f"w{n}.zarr"), n),
             "w1_small": (convert_all, small, str(scratch / "w1-small.zarr"), 1),
             "wN_small": (convert_all, small, str(scratch / f"w{n}-small.zarr"), n)}
+    rounds = 1 if cfg.quick else ROUNDS
+    got, mem, per_round = measure_rounds(cfg, runs, rounds)
+    _, mem["idle"] = isolated(idle_worker, isolate=cfg.isolate, threads=cfg.threads)
+    shutil.rmtree(scratch, ignore_errors=True)
+    fixed = add_rates(res, got, n, cfg.memory_cases, rounds)
+    add_memory(res, cfg, got["decode"], mem, n)
+    cores = len(usable_cores())
+    res.details.update({"cases": got["decode"]["cases"], "slices": got["decode"]["slices"] // rounds,
+                        "rounds": rounds, "workers": n, "cores": cores, "seconds_per_round": per_round,
+                        **{f"{key}_fixed_s": round(v, 3) for key, v in fixed.items()}})
+    if n > cores:
+        res.notes.append(f"{n} workers on {cores} cores: the efficiency is capped at {cores / n:.2f}")
+    if fixed:
+        res.notes.append("fixed cost per run (start-up, discovery, split, finalize): "
+                         + ", ".join(f"{k.replace('workers_', '')} worker(s) {v:.2f} s" for k, v in fixed.items()))
+    res.notes.append(f"the {large_n}-case cohort repeats the synthetic patients (symlinked folders); each run in a "
+                     "fresh process (worker start-up and the final split/finalize included); decoding alone is "
+                     "timed inside its process")
+    return res
+
+
+def measure_rounds(cfg: BenchConfig, runs: dict[str, tuple], rounds: int
+                   ) -> tuple[dict[str, dict], dict[str, dict], dict[str, list[float]]]:
+    """Each run once per round, each in its own process, order reversed every round so that drift weighs on all.
+
+    Returns (slices and seconds summed over rounds, other outputs as last seen; peak memory per run, the largest
+    over rounds; each round's seconds per run).
+    """
     got: dict[str, dict] = {}
     mem: dict[str, dict] = {}
     per_round: dict[str, list[float]] = {}
-    rounds = 1 if cfg.quick else ROUNDS
-    for r in range(rounds):   # take turns, order reversed each round: drift weighs on all
+    for r in range(rounds):
         for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
             fn, *args = runs[key]
-            out, peak = isolated(fn, *args, **opts)
+            out, peak = isolated(fn, *args, isolate=cfg.isolate, threads=cfg.threads)
             total = got.setdefault(key, {})
             for k, v in out.items():
-                total[k] = total.get(k, 0) + v if k in ("slices", "seconds") else v   # sums over rounds
+                total[k] = total.get(k, 0) + v if k in ("slices", "seconds") else v
             per_round.setdefault(key, []).append(round(out["seconds"], 3))
             mem[key] = {k: max(v, mem.get(key, {}).get(k, 0.0)) for k, v in peak.items()}
-    _, mem_idle = isolated(idle_worker, **opts)
-    shutil.rmtree(scratch, ignore_errors=True)
+    return got, mem, per_round
+
+
+def add_rates(res: StageResult, got: dict[str, dict], n: int, cases: tuple[int, int], rounds: int) -> dict[str, float]:
+    """Timings and comparisons of the runs; returns each worker count's fixed cost per run, in seconds."""
+    small_n, large_n = cases
     decoded, one, many, one_small, many_small = (got[k] for k in ("decode", "w1", "wN", "w1_small", "wN_small"))
-    mem_decode, mem_one, mem_many, mem_small = (mem[k] for k in ("decode", "w1", "wN", "wN_small"))
     res.add("decode_only", Timing(decoded["slices"], decoded["seconds"]))
     res.add("workers_1", Timing(one["slices"], one["seconds"]))
     res.add(f"workers_{n}", Timing(many["slices"], many["seconds"]))
@@ -146,37 +174,31 @@ def run(cfg: BenchConfig, cohort: Cohort) -> StageResult:
                            "share of the time spent decoding when converting (1.0 = conversion costs nothing more)"))
     res.compare(Comparison(f"{n} workers vs decoding alone (1 process)", f"workers_{n}", "decode_only",
                            "end-to-end conversion speed against decoding the same files once in one process"))
-    case_mb = decoded["largest_case_bytes"] / MB
-    worker_peak = mem_many["children_peak_rss_mb"]
-    idle = mem_idle["peak_rss_mb"]
-    res.memory = {"decode_only_peak_rss_mb": mem_decode["peak_rss_mb"],
-                  "workers_1_peak_rss_mb": mem_one["peak_rss_mb"],
-                  f"workers_{n}_main_peak_rss_mb": mem_many["peak_rss_mb"],
-                  f"workers_{n}_per_worker_peak_rss_mb": worker_peak,
-                  f"workers_{n}_per_worker_peak_rss_mb_{small_n}_cases": mem_small["children_peak_rss_mb"],
-                  "idle_worker_rss_mb": idle, "largest_case_mb": case_mb}
-    if cfg.isolate:
-        res.memory_checks.append(memory_check(
-            "per-worker working memory vs the largest decoded case", max(worker_peak - idle, 0.0), case_mb, None,
-            "(worker peak − idle worker) ÷ largest case (image + mask as decoded); includes what a worker loads "
-            "on first use (pixel handlers, codecs), which dominates for small cases"))
-        res.memory_checks.append(memory_check(
-            "per-worker working memory vs the whole cohort decoded", max(worker_peak - idle, 0.0),
-            decoded["cohort_bytes"] / MB, None, "the same ÷ every case of the cohort decoded at once"))
-        res.memory_checks.append(memory_check(
-            f"per-worker peak memory, {large_n} vs {small_n} cases", worker_peak, mem_small["children_peak_rss_mb"],
-            1.10, f"largest worker's peak converting {large_n} cases ÷ converting {small_n}; ≤ 1.10 = does not grow "
-                  "with the cohort"))
-    res.details.update({"cases": decoded["cases"], "slices": decoded["slices"] // rounds, "rounds": rounds,
-                        "workers": n, "cores": cores, "seconds_per_round": per_round,
-                        **{f"{key}_fixed_s": round(v, 3) for key, v in fixed.items()}})
-    if n > cores:
-        res.notes.append(f"{n} workers on {cores} cores: the efficiency is capped at {cores / n:.2f}")
-    if fixed:
-        res.notes.append("fixed cost per run (start-up, discovery, split, finalize): "
-                         + ", ".join(f"{k.replace('workers_', '')} worker(s) {v:.2f} s" for k, v in fixed.items()))
-    res.notes.append(f"the {large_n}-case cohort repeats the synthetic patients (symlinked folders); each run in a "
-                     "fresh process (worker start-up and the final split/finalize included); decoding alone is "
-                     "timed inside its process")
-    return res
+    return fixed
 
+
+def add_memory(res: StageResult, cfg: BenchConfig, decoded: dict, mem: dict[str, dict], n: int) -> None:
+    """Peak memory of every run, and (isolated runs only) the per-worker checks against the decoded data."""
+    small_n, large_n = cfg.memory_cases
+    case_mb = decoded["largest_case_bytes"] / MB
+    worker_peak = mem["wN"]["children_peak_rss_mb"]
+    idle = mem["idle"]["peak_rss_mb"]
+    res.memory = {"decode_only_peak_rss_mb": mem["decode"]["peak_rss_mb"],
+                  "workers_1_peak_rss_mb": mem["w1"]["peak_rss_mb"],
+                  f"workers_{n}_main_peak_rss_mb": mem["wN"]["peak_rss_mb"],
+                  f"workers_{n}_per_worker_peak_rss_mb": worker_peak,
+                  f"workers_{n}_per_worker_peak_rss_mb_{small_n}_cases": mem["wN_small"]["children_peak_rss_mb"],
+                  "idle_worker_rss_mb": idle, "largest_case_mb": case_mb}
+    if not cfg.isolate:
+        return
+    res.memory_checks.append(memory_check(
+        "per-worker working memory vs the largest decoded case", max(worker_peak - idle, 0.0), case_mb, None,
+        "(worker peak − idle worker) ÷ largest case (image + mask as decoded); includes what a worker loads "
+        "on first use (pixel handlers, codecs), which dominates for small cases"))
+    res.memory_checks.append(memory_check(
+        "per-worker working memory vs the whole cohort decoded", max(worker_peak - idle, 0.0),
+        decoded["cohort_bytes"] / MB, None, "the same ÷ every case of the cohort decoded at once"))
+    res.memory_checks.append(memory_check(
+        f"per-worker peak memory, {large_n} vs {small_n} cases", worker_peak, mem["wN_small"]["children_peak_rss_mb"],
+        1.10, f"largest worker's peak converting {large_n} cases ÷ converting {small_n}; ≤ 1.10 = does not grow "
+              "with the cohort"))
