@@ -26,7 +26,7 @@ Both paths draw the same distributions; they do not reproduce each other's rando
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import albumentations as A
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from dlseg.augment_field import FIELD_TERMS, BiasField, apply_bias_field
-from dlseg.augment_organs import MAX_LABELS, OrganContrast, apply_organ_contrast
+from dlseg.augment_organs import MAX_LABELS, OrganContrast, apply_organ_contrast, organ_label_ids, resolve_organ_labels
 from dlseg.augment_remap import IntensityRemap, apply_remap
 from dlseg.config import option
 from dlseg.resample import Workspace, resample
@@ -58,7 +58,8 @@ class AugmentConfig:
     remap: float = option("probability of a random, non-monotone intensity curve (0: never)", 0.0)
     remap_points: int = option("knots of the intensity curve (2: a random linear map, maybe inverted)", 5)
     organ_contrast: float = option("probability of moving labelled organs to their own random levels (0: never)", 0.0)
-    organ_labels: list[int] = option("labels organ contrast moves, e.g. 1,4 (empty: every label)", default_factory=list)
+    organ_labels: list[str] = option("labels organ contrast moves, by name or number, e.g. liver,spleen (empty: all)",
+                                     default_factory=list)
     organ_low: float = option("lowest organ level, in normalized intensity units", -1.5)
     organ_high: float = option("highest organ level, in normalized intensity units", 3.0)
     organ_sigma: float = option("pixels over which an organ's shift fades out at its border", 2.0)
@@ -85,9 +86,12 @@ def check_config(cfg: AugmentConfig) -> None:
     if not cfg.organ_low < cfg.organ_high or cfg.organ_sigma < 0:
         raise ValueError(f"augment.organ_low/organ_high/organ_sigma: need low < high and sigma >= 0, got "
                          f"{cfg.organ_low!r}, {cfg.organ_high!r}, {cfg.organ_sigma!r}")
-    if any(not 1 <= label <= MAX_LABELS for label in cfg.organ_labels):
-        raise ValueError(f"augment.organ_labels: each must be a foreground label within 1..{MAX_LABELS}, "
-                         f"got {cfg.organ_labels!r}")
+    organ_label_ids([c for c in cfg.organ_labels if str(c).strip().isdigit()])   # names: resolved against a store
+
+
+def for_store_labels(cfg: AugmentConfig, label_names: list[str]) -> AugmentConfig:
+    """``cfg`` with the names in ``organ_labels`` as the numbers of a store whose labels are ``label_names``."""
+    return replace(cfg, organ_labels=resolve_organ_labels(cfg.organ_labels, label_names))
 
 
 GEOMETRIC_KEYS = ("hflip", "vflip", "transpose", "rotate90")
@@ -148,8 +152,8 @@ def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compos
         if cfg.remap > 0:   # only when asked for: the article's random streams stay as they were
             steps.append(IntensityRemap(cfg.remap_points, p=cfg.remap))
         if cfg.organ_contrast > 0:
-            steps.append(OrganContrast(cfg.organ_low, cfg.organ_high, cfg.organ_sigma, tuple(cfg.organ_labels),
-                                       p=cfg.organ_contrast))
+            labels = organ_label_ids(cfg.organ_labels)
+            steps.append(OrganContrast(cfg.organ_low, cfg.organ_high, cfg.organ_sigma, labels, p=cfg.organ_contrast))
         if cfg.bias_field > 0:
             steps.append(BiasField(cfg.bias_field_limit, p=cfg.bias_field))
     transform = A.Compose(steps)
@@ -227,6 +231,7 @@ class BatchAugment:
     def __init__(self, cfg: AugmentConfig):
         check_config(cfg)
         self.cfg = cfg
+        self.organ_labels = organ_label_ids(cfg.organ_labels) if cfg.organ_contrast > 0 else ()
         self.workspace = Workspace()   # intermediates reused between batches (see resample)
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor,
@@ -293,7 +298,7 @@ class BatchAugment:
             image = apply_remap(image, params.remap, params.knots)
         if cfg.organ_contrast > 0 and params.organ_contrast is not None:
             image = apply_organ_contrast(image, mask, params.organ_contrast, params.organ_levels, cfg.organ_sigma,
-                                         tuple(cfg.organ_labels))
+                                         self.organ_labels)
         if cfg.bias_field > 0 and params.bias_field is not None:
             image = apply_bias_field(image, params.bias_field, params.field_coefficients)
         return image, mask

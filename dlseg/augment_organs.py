@@ -11,6 +11,10 @@ The shift fades out over a Gaussian of ``organ_sigma`` pixels at the organ's bor
 where the mask ends (the neighbour slices of a 2.5D input do not follow the centre slice's mask exactly); every
 channel gets the same shift.
 
+``organ_labels`` may give label numbers or the store's label names (``liver,spleen``); the trainer resolves names to
+numbers against the store's label map (:func:`resolve_organ_labels`) before the transforms are built, so a recipe
+does not depend on the order of a dataset's labels.
+
 Both paths (albumentations per sample, torch per batch) compute the same image for the same levels; they do not
 share random streams. The batch path draws levels for labels 1..``MAX_LABELS``.
 """
@@ -26,7 +30,40 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dlseg.errors import ConfigError
+
 MAX_LABELS = 16
+
+
+def organ_label_ids(labels: list[str]) -> tuple[int, ...]:
+    """``organ_labels`` as label numbers; ConfigError for a number outside 1..MAX_LABELS or a name not yet resolved."""
+    ids = []
+    for label in labels:
+        if not str(label).strip().isdigit():
+            raise ConfigError(f"augment.organ_labels: {label!r} is a name; resolve it against the store's label map "
+                              "(resolve_organ_labels) or give label numbers")
+        ids.append(int(label))
+    if any(not 1 <= i <= MAX_LABELS for i in ids):
+        raise ConfigError(f"augment.organ_labels: each must be a foreground label within 1..{MAX_LABELS}, "
+                          f"got {list(labels)!r}")
+    return tuple(ids)
+
+
+def resolve_organ_labels(labels: list[str], label_names: list[str]) -> list[str]:
+    """Names (any case) and numbers of ``organ_labels`` as numbers of a store whose foreground is ``label_names``.
+
+    ConfigError naming the store's labels for a name or number the store does not have.
+    """
+    known = {name.lower(): i for i, name in enumerate(label_names, start=1)}
+    out = []
+    for label in labels:
+        text = str(label).strip()
+        number = int(text) if text.isdigit() else known.get(text.lower())
+        if number is None or not 1 <= number <= len(label_names):
+            have = ", ".join(f"{i} {name}" for i, name in enumerate(label_names, start=1))
+            raise ConfigError(f"augment.organ_labels: {text!r} is not a label of this store (it has {have})")
+        out.append(str(number))
+    return out
 
 
 def shift_organs(img: np.ndarray, mask: np.ndarray, levels: dict[int, float], sigma: float) -> np.ndarray:

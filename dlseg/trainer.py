@@ -21,7 +21,7 @@ from accelerate.utils import broadcast, set_seed
 
 from dlseg import checkpoint as ckpt
 from dlseg import curves, runstart
-from dlseg.augment import BatchAugment, SampleTransform, invariances
+from dlseg.augment import BatchAugment, SampleTransform, for_store_labels, invariances
 from dlseg.config import save_yaml, to_dict
 from dlseg.console import console, make_progress
 from dlseg.data import build_train_loader, build_val_loader, norm_config
@@ -94,6 +94,7 @@ class Trainer:
         with acc.local_main_process_first():
             self.store_path = Path(cfg.data) if cfg.data else ensure_synthetic(cfg)
         self.task = read_task(Store(self.store_path), cfg.loader)   # refuses an unusable store before any output
+        augment = for_store_labels(cfg.augment, self.task.label_names)   # may refuse, before any output
         self.lock = runstart.hold_run_folder(acc, self.out)   # one job per run folder, before anything is written
         self.log = RunLog(acc.is_main_process, self.out / "train.log")
         set_seed(cfg.seed)
@@ -104,9 +105,8 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss, self.task.num_classes).to(acc.device)
         optimizer = build_optimizer(cfg.optim, model.parameters())
         scheduler = build_scheduler(cfg.sched, optimizer, cfg.epochs)
-        transform = (SampleTransform(cfg.augment, seed=cfg.seed)
-                     if cfg.augment_on == "cpu" and cfg.augment.enabled else None)
-        self.device_augment = BatchAugment(cfg.augment) if cfg.augment_on == "device" else None
+        transform = SampleTransform(augment, seed=cfg.seed) if cfg.augment_on == "cpu" and augment.enabled else None
+        self.device_augment = BatchAugment(augment) if cfg.augment_on == "device" else None
         train_dl = build_train_loader(self.store_path, cfg.loader, seed=cfg.seed, transform=transform)
         val_dl = build_val_loader(self.store_path, cfg.loader)
         self.train_dataset, self.val_dataset = train_dl.dataset, val_dl.dataset

@@ -10,9 +10,10 @@ import pytest
 import torch
 from scipy.ndimage import binary_dilation, binary_erosion
 
-from dlseg.augment import AugmentConfig, BatchAugment, build_cpu_transform
-from dlseg.augment_organs import MAX_LABELS, apply_organ_contrast, shift_organs
+from dlseg.augment import AugmentConfig, BatchAugment, build_cpu_transform, for_store_labels
+from dlseg.augment_organs import MAX_LABELS, apply_organ_contrast, resolve_organ_labels, shift_organs
 from dlseg.config import parse_args
+from dlseg.errors import ConfigError
 from dlseg.train_config import TrainConfig
 
 SIZE, SIGMA = 48, 1.0
@@ -123,7 +124,7 @@ def test_off_by_default_and_validated():
 @pytest.mark.parametrize("path", ["cpu", "batch"])
 def test_organ_labels_moves_only_the_listed_labels(path):
     n, img, mask = 40, textured_image(), two_organs()
-    cfg = replace(ORGANS, organ_labels=[3])
+    cfg = replace(ORGANS, organ_labels=["3"])
     if path == "cpu":
         t = build_cpu_transform(cfg, seed=0)
         outs = [t(image=img, mask=mask)["image"] for _ in range(n)]
@@ -142,9 +143,26 @@ def test_organ_labels_moves_only_the_listed_labels(path):
 
 
 def test_organ_labels_from_the_command_line_and_validated():
-    cfg = parse_args(TrainConfig, ["--augment.organ_labels", "1,4"], prog="train", description="")
-    assert cfg.augment.organ_labels == [1, 4]
+    cfg = parse_args(TrainConfig, ["--augment.organ_labels", "liver,4"], prog="train", description="")
+    assert cfg.augment.organ_labels == ["liver", "4"]
     assert AugmentConfig().organ_labels == []
-    for bad in ([0], [MAX_LABELS + 1]):
+    for bad in (["0"], [str(MAX_LABELS + 1)]):
         with pytest.raises(ValueError, match="augment.organ_labels"):
             BatchAugment(replace(ORGANS, organ_labels=bad))
+    with pytest.raises(ValueError, match="'liver' is a name"):           # a library caller must resolve names
+        BatchAugment(replace(ORGANS, organ_labels=["liver"]))
+
+
+STORE_LABELS = ["liver", "right kidney", "left kidney", "spleen"]
+
+
+def test_names_resolve_to_this_stores_numbers():
+    assert resolve_organ_labels(["Liver", "spleen", "3"], STORE_LABELS) == ["1", "4", "3"]
+    assert resolve_organ_labels(["spleen"], ["spleen", "liver"]) == ["1"]          # another dataset's order
+    cfg = for_store_labels(replace(ORGANS, organ_labels=["right kidney"]), STORE_LABELS)
+    assert cfg.organ_labels == ["2"] and BatchAugment(cfg).organ_labels == (2,)
+    for bad in (["pancreas"], ["5"]):
+        with pytest.raises(ConfigError, match=r"not a label of this store \(it has 1 liver, 2 right kidney"):
+            resolve_organ_labels(bad, STORE_LABELS)
+    with pytest.raises(ConfigError, match="'spleen' is not a label"):            # a liver-only store
+        resolve_organ_labels(["liver", "spleen"], ["liver"])

@@ -123,6 +123,17 @@ def test_val_split_without_labeled_cases_is_refused_before_any_output(synthetic_
     assert not (out / "model").exists() and not out.exists()
 
 
+def test_organ_names_the_store_lacks_are_refused_before_any_output(synthetic_store, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = tiny(synthetic_store, out, "--epochs", "1", "--augment.organ_contrast", "0.5",
+                "--augment.organ_labels", "liver,spleen")
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "augment.organ_labels: 'spleen' is not a label of this store (it has 1 liver)" in " ".join(err.split())
+    assert not out.exists()
+
+
 def test_launch_trap_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="WORLD_SIZE"):
