@@ -50,8 +50,9 @@ def resolve_classes(option: str, pred_dir: Path, label_map: dict[int, str]) -> d
     if text == "auto":
         labels = predicted_classes(pred_dir)
         return {k: label_map.get(k, f"class_{k}") for k in labels} if labels else None
-    if text == "all":
-        return {k: v for k, v in sorted(label_map.items()) if k > 0}
+    if text == "all":   # the truth's named classes and every class the model wrote (a truth may name fewer)
+        named = {k: v for k, v in label_map.items() if k > 0}
+        return {k: named.get(k, f"class_{k}") for k in sorted(set(named) | set(predicted_classes(pred_dir)))}
     by_name = {v: k for k, v in label_map.items() if k > 0}
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in by_name]

@@ -90,7 +90,7 @@ class EvalConfig:
     modality: str = option("CHAOS-tree truth only: ct | t1-in | t1-out | t2 | all", "all")
     workers: int = option("processes scoring cases in parallel", 1)
     classes: str = option("auto (a multi-class prediction: each of its classes; else the liver), liver, all (the "
-                          "truth's label map) or NAME,NAME", "auto")
+                          "truth's label map and every class the model wrote) or NAME,NAME", "auto")
 
     def __post_init__(self) -> None:
         """``--label-value any`` is None; fewer than one worker is one."""

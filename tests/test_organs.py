@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dlseg import curves, evaluate, metrics, trainer
+from dlseg.class_metrics import resolve_classes
 from dlseg.data import DataConfig, build_val_loader
 from dlseg.export import load_model
 from dlseg.inference import outputs
@@ -152,6 +153,15 @@ def test_evaluate_classes_option(truth_store, tmp_path, capsys):
     assert evaluate.main(["--pred", str(pred), "--truth", str(truth_store), "--classes", "pancreas"]) == 2
     err = capsys.readouterr().err
     assert "--classes 'pancreas': unknown class pancreas" in err and len(err.strip().splitlines()) == 1
+
+
+def test_all_scores_every_class_the_model_wrote_when_the_truth_names_fewer(tmp_path):
+    pred = write_multiclass(tmp_path / "pred", png=False)
+    named = {int(k): v for k, v in MAP.items()}
+    assert resolve_classes("all", pred, named) == {k: v for k, v in named.items() if k > 0}
+    # a labels folder without its dataset.json names the liver alone: the other classes are still scored
+    assert resolve_classes("all", pred, {0: "background", 1: "liver"}) == {
+        1: "liver", 2: "class_2", 3: "class_3", 4: "class_4"}
 
 
 def test_binary_prediction_scored_per_class_is_its_liver(truth_store, tmp_path):
