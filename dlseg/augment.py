@@ -35,7 +35,9 @@ import numpy as np
 import torch
 
 from dlseg.augment_field import FIELD_TERMS, BiasField, apply_bias_field
-from dlseg.augment_organs import MAX_LABELS, OrganContrast, apply_organ_contrast, organ_label_ids, resolve_organ_labels
+from dlseg.augment_organs import (
+    MAX_LABELS, OrganContrast, apply_organ_contrast, is_label_number, organ_label_ids, resolve_organ_labels,
+)
 from dlseg.augment_remap import IntensityRemap, apply_remap
 from dlseg.config import option
 from dlseg.resample import Workspace, resample
@@ -86,7 +88,7 @@ def check_config(cfg: AugmentConfig) -> None:
     if not cfg.organ_low < cfg.organ_high or cfg.organ_sigma < 0:
         raise ValueError(f"augment.organ_low/organ_high/organ_sigma: need low < high and sigma >= 0, got "
                          f"{cfg.organ_low!r}, {cfg.organ_high!r}, {cfg.organ_sigma!r}")
-    organ_label_ids([c for c in cfg.organ_labels if str(c).strip().isdigit()])   # names: resolved against a store
+    organ_label_ids([c for c in cfg.organ_labels if is_label_number(c)])   # names: resolved against a store later
 
 
 def for_store_labels(cfg: AugmentConfig, label_names: list[str]) -> AugmentConfig:

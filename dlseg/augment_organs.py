@@ -35,11 +35,16 @@ from dlseg.errors import ConfigError
 MAX_LABELS = 16
 
 
+def is_label_number(label: str) -> bool:
+    """True for an ``organ_labels`` entry that gives a label number rather than a name."""
+    return str(label).strip().isdigit()
+
+
 def organ_label_ids(labels: list[str]) -> tuple[int, ...]:
     """``organ_labels`` as label numbers; ConfigError for a number outside 1..MAX_LABELS or a name not yet resolved."""
     ids = []
     for label in labels:
-        if not str(label).strip().isdigit():
+        if not is_label_number(label):
             raise ConfigError(f"augment.organ_labels: {label!r} is a name; resolve it against the store's label map "
                               "(resolve_organ_labels) or give label numbers")
         ids.append(int(label))
@@ -58,7 +63,7 @@ def resolve_organ_labels(labels: list[str], label_names: list[str]) -> list[str]
     out = []
     for label in labels:
         text = str(label).strip()
-        number = int(text) if text.isdigit() else known.get(text.lower())
+        number = int(text) if is_label_number(text) else known.get(text.lower())
         if number is None or not 1 <= number <= len(label_names):
             have = ", ".join(f"{i} {name}" for i, name in enumerate(label_names, start=1))
             raise ConfigError(f"augment.organ_labels: {text!r} is not a label of this store (it has {have})")
