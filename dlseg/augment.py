@@ -2,9 +2,9 @@
 
 Transforms, in the article's order, each applied independently with its own probability (``AugmentConfig``):
 horizontal flip, vertical flip, transpose, random scale ±``scale_limit``, random rotation by k·90°
-(k uniform in 0..3, as albumentations' RandomRotate90), random brightness/contrast; then, off unless asked for,
-a random intensity remap (``dlseg.augment_remap``), organ contrast (``dlseg.augment_organs``) and a bias field
-(``dlseg.augment_field``).
+(k uniform in 0..3, as albumentations' RandomRotate90), random brightness/contrast; then, off unless asked for, a
+small rotation (``dlseg.augment_rotate``, applied before brightness/contrast), a random intensity remap
+(``dlseg.augment_remap``), organ contrast (``dlseg.augment_organs``) and a bias field (``dlseg.augment_field``).
 
 Two deliberate departures from the article's albumentations 0.x code:
 
@@ -39,6 +39,7 @@ from dlseg.augment_organs import (
     MAX_LABELS, OrganContrast, apply_organ_contrast, is_label_number, organ_label_ids, resolve_organ_labels,
 )
 from dlseg.augment_remap import IntensityRemap, apply_remap
+from dlseg.augment_rotate import MAX_DEGREES, apply_rotation, rotation_step
 from dlseg.config import option
 from dlseg.resample import Workspace, resample
 
@@ -54,6 +55,9 @@ class AugmentConfig:
     scale: float = option("probability of a zoom about the centre", 0.5)
     scale_limit: float = option("zoom factor drawn from [1 - l, 1 + l]", 0.1)
     rotate90: float = option("probability of a rotation by k·90°", 0.8)
+    rotate: float = option("probability of a rotation by a small random angle, organs kept on their side (0: never)",
+                           0.0)
+    rotate_limit: float = option("rotation angle drawn from ±l degrees", 15.0)
     brightness_contrast: float = option("probability of a brightness/contrast change", 0.8)
     brightness_limit: float = option("additive shift within ±l, in normalized intensity units", 0.2)
     contrast_limit: float = option("multiplicative factor within [1 - l, 1 + l]", 0.2)
@@ -69,7 +73,7 @@ class AugmentConfig:
     bias_field_limit: float = option("each coefficient of the gain's log-polynomial within ±l", 0.3)
 
 
-PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "brightness_contrast", "remap",
+PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "rotate", "brightness_contrast", "remap",
                     "organ_contrast", "bias_field")
 
 
@@ -83,6 +87,8 @@ def check_config(cfg: AugmentConfig) -> None:
         value = getattr(cfg, key)
         if not 0.0 <= value < 1.0:
             raise ValueError(f"augment.{key}: must be within [0, 1), got {value!r}")
+    if not 0.0 <= cfg.rotate_limit <= MAX_DEGREES:
+        raise ValueError(f"augment.rotate_limit: degrees within [0, {MAX_DEGREES:g}], got {cfg.rotate_limit!r}")
     if cfg.remap_points < 2:
         raise ValueError(f"augment.remap_points: need at least 2 knots, got {cfg.remap_points!r}")
     if not cfg.organ_low < cfg.organ_high or cfg.organ_sigma < 0:
@@ -149,8 +155,10 @@ def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compos
             A.Affine(scale=(1 - lim, 1 + lim), keep_ratio=True, interpolation=cv2.INTER_LINEAR,
                      mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_REPLICATE, p=cfg.scale),
             A.RandomRotate90(p=cfg.rotate90),
-            NormalizedBrightnessContrast(cfg.brightness_limit, cfg.contrast_limit, p=cfg.brightness_contrast),
         ]
+        if cfg.rotate > 0:   # only when asked for, like every step not in the article
+            steps.append(rotation_step(cfg.rotate_limit, cfg.rotate))
+        steps.append(NormalizedBrightnessContrast(cfg.brightness_limit, cfg.contrast_limit, p=cfg.brightness_contrast))
         if cfg.remap > 0:   # only when asked for: the article's random streams stay as they were
             steps.append(IntensityRemap(cfg.remap_points, p=cfg.remap))
         if cfg.organ_contrast > 0:
@@ -211,6 +219,8 @@ class AugmentParams:
     brightness_contrast: torch.Tensor  # bool
     contrast: torch.Tensor     # float32 factor 1 + c
     brightness: torch.Tensor   # float32 offset b
+    rotate: torch.Tensor | None = None   # bool: small rotation applied
+    angle: torch.Tensor | None = None    # float32 degrees, counter-clockwise as displayed
     remap: torch.Tensor | None = None   # bool: intensity curve applied
     knots: torch.Tensor | None = None   # float32 (N, remap_points): curve values as fractions of the range
     organ_contrast: torch.Tensor | None = None   # bool: organ levels applied
@@ -258,6 +268,9 @@ class BatchAugment:
         params = AugmentParams(hflip=hflip, vflip=vflip, transpose=transpose, scale=scale, zoom=zoom,
                                rotate90=rotate90, quarter_turns=k, brightness_contrast=bc, contrast=contrast,
                                brightness=brightness)
+        if self.cfg.rotate > 0:
+            r = torch.rand((n, 2), generator=generator, device=device)
+            params.rotate, params.angle = r[:, 0] < self.cfg.rotate, (2 * r[:, 1] - 1) * self.cfg.rotate_limit
         if self.cfg.remap > 0:
             r = torch.rand((n, 1 + self.cfg.remap_points), generator=generator, device=device)
             params.remap, params.knots = r[:, 0] < self.cfg.remap, r[:, 1:]
@@ -293,6 +306,8 @@ class BatchAugment:
                 t = torch.zeros_like(t)
             flag = params.scale if cfg.scale > 0 else torch.zeros_like(params.scale)
             image, mask = resample(image, mask, t, r, c, flag, params.zoom, self.workspace)
+        if cfg.rotate > 0 and params.rotate is not None:
+            image, mask = apply_rotation(image, mask, params.rotate, params.angle)
         if cfg.brightness_contrast > 0:
             image = apply_intensity(image, params.brightness_contrast, params.contrast, params.brightness,
                                     in_place=symmetric or cfg.scale > 0)   # resample's output is ours
