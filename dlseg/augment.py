@@ -237,7 +237,8 @@ class BatchAugment:
     and the intensity change commute with them, so applying them afterwards gives the same distribution as the
     article's order. Symmetry and zoom become one source-pixel index per output pixel and sample: the mask (and
     every unzoomed image) is one gather; zoomed images blend four gathers bilinearly at the same positions the mask
-    samples (nearest). One host sync per batch (which samples are zoomed); no Python loop over samples.
+    samples (nearest). One host sync per batch (which samples are zoomed); no Python loop over samples. A small
+    rotation, when asked for, resamples the drawn samples once more (``grid_sample``; a second host sync).
     """
 
     def __init__(self, cfg: AugmentConfig):
