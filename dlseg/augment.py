@@ -30,7 +30,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 
@@ -39,7 +38,7 @@ from dlseg.augment_organs import (
     MAX_LABELS, OrganContrast, apply_organ_contrast, is_label_number, organ_label_ids, resolve_organ_labels,
 )
 from dlseg.augment_remap import IntensityRemap, apply_remap
-from dlseg.augment_rotate import MAX_DEGREES, apply_rotation, rotation_step
+from dlseg.augment_rotate import AFFINE_RESAMPLING, MAX_DEGREES, apply_rotation, rotation_step
 from dlseg.config import option
 from dlseg.resample import Workspace, resample
 
@@ -152,8 +151,7 @@ def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compos
             A.VerticalFlip(p=cfg.vflip),
             A.Transpose(p=cfg.transpose),
             # RandomScale would change the size (no batching): zoom on the same canvas instead.
-            A.Affine(scale=(1 - lim, 1 + lim), keep_ratio=True, interpolation=cv2.INTER_LINEAR,
-                     mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_REPLICATE, p=cfg.scale),
+            A.Affine(scale=(1 - lim, 1 + lim), keep_ratio=True, **AFFINE_RESAMPLING, p=cfg.scale),
             A.RandomRotate90(p=cfg.rotate90),
         ]
         if cfg.rotate > 0:   # only when asked for, like every step not in the article

@@ -20,12 +20,14 @@ import torch
 import torch.nn.functional as F
 
 MAX_DEGREES = 90.0   # the largest rotate_limit accepted: beyond a right angle it is no longer a small rotation
+# how every geometric step of the per-sample path resamples (the zoom too): image bilinear, mask nearest, edges kept
+AFFINE_RESAMPLING = {"interpolation": cv2.INTER_LINEAR, "mask_interpolation": cv2.INTER_NEAREST,
+                     "border_mode": cv2.BORDER_REPLICATE}
 
 
 def rotation_step(limit: float, p: float) -> A.Affine:
     """The per-sample step: ``A.Affine`` rotating by an angle uniform in ±``limit`` degrees with probability ``p``."""
-    return A.Affine(rotate=(-limit, limit), interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
-                    border_mode=cv2.BORDER_REPLICATE, p=p)
+    return A.Affine(rotate=(-limit, limit), **AFFINE_RESAMPLING, p=p)
 
 
 def rotation_grid(angles_deg: torch.Tensor, height: int, width: int) -> torch.Tensor:
