@@ -3,7 +3,8 @@
 Transforms, in the article's order, each applied independently with its own probability (``AugmentConfig``):
 horizontal flip, vertical flip, transpose, random scale ±``scale_limit``, random rotation by k·90°
 (k uniform in 0..3, as albumentations' RandomRotate90), random brightness/contrast; then, off unless asked for, a
-small rotation (``dlseg.augment_rotate``, applied before brightness/contrast), a random intensity remap
+small rotation (``dlseg.augment_rotate``) and an elastic warp (``dlseg.augment_elastic``), both applied before
+brightness/contrast, a random intensity remap
 (``dlseg.augment_remap``), organ contrast (``dlseg.augment_organs``) and a bias field (``dlseg.augment_field``).
 
 Two deliberate departures from the article's albumentations 0.x code:
@@ -33,6 +34,7 @@ import albumentations as A
 import numpy as np
 import torch
 
+from dlseg.augment_elastic import ElasticWarp, apply_elastic, check_smooth, draw_controls
 from dlseg.augment_field import FIELD_TERMS, BiasField, apply_bias_field
 from dlseg.augment_organs import (
     MAX_LABELS, OrganContrast, apply_organ_contrast, is_label_number, organ_label_ids, resolve_organ_labels,
@@ -57,6 +59,9 @@ class AugmentConfig:
     rotate: float = option("probability of a rotation by a small random angle, organs kept on their side (0: never)",
                            0.0)
     rotate_limit: float = option("rotation angle drawn from ±l degrees", 15.0)
+    elastic: float = option("probability of a smooth random warp, the U-Net paper's elastic deformation (0: never)", 0.0)
+    elastic_std: float = option("std of the warp's control displacements, as a fraction of the slice side", 0.02)
+    elastic_grid: int = option("control points per side of the warp's coarse grid (corners included)", 3)
     brightness_contrast: float = option("probability of a brightness/contrast change", 0.8)
     brightness_limit: float = option("additive shift within ±l, in normalized intensity units", 0.2)
     contrast_limit: float = option("multiplicative factor within [1 - l, 1 + l]", 0.2)
@@ -72,8 +77,8 @@ class AugmentConfig:
     bias_field_limit: float = option("each coefficient of the gain's log-polynomial within ±l", 0.3)
 
 
-PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "rotate", "brightness_contrast", "remap",
-                    "organ_contrast", "bias_field")
+PROBABILITY_KEYS = ("hflip", "vflip", "transpose", "scale", "rotate90", "rotate", "elastic", "brightness_contrast",
+                    "remap", "organ_contrast", "bias_field")
 
 
 def check_config(cfg: AugmentConfig) -> None:
@@ -88,6 +93,7 @@ def check_config(cfg: AugmentConfig) -> None:
             raise ValueError(f"augment.{key}: must be within [0, 1), got {value!r}")
     if not 0.0 <= cfg.rotate_limit <= MAX_DEGREES:
         raise ValueError(f"augment.rotate_limit: degrees within [0, {MAX_DEGREES:g}], got {cfg.rotate_limit!r}")
+    check_smooth(cfg.elastic_std, cfg.elastic_grid)
     if cfg.remap_points < 2:
         raise ValueError(f"augment.remap_points: need at least 2 knots, got {cfg.remap_points!r}")
     if not cfg.organ_low < cfg.organ_high or cfg.organ_sigma < 0:
@@ -156,6 +162,8 @@ def build_cpu_transform(cfg: AugmentConfig, seed: int | None = None) -> A.Compos
         ]
         if cfg.rotate > 0:   # only when asked for, like every step not in the article
             steps.append(rotation_step(cfg.rotate_limit, cfg.rotate))
+        if cfg.elastic > 0:
+            steps.append(ElasticWarp(cfg.elastic_std, cfg.elastic_grid, p=cfg.elastic))
         steps.append(NormalizedBrightnessContrast(cfg.brightness_limit, cfg.contrast_limit, p=cfg.brightness_contrast))
         if cfg.remap > 0:   # only when asked for: the article's random streams stay as they were
             steps.append(IntensityRemap(cfg.remap_points, p=cfg.remap))
@@ -219,6 +227,8 @@ class AugmentParams:
     brightness: torch.Tensor   # float32 offset b
     rotate: torch.Tensor | None = None   # bool: small rotation applied
     angle: torch.Tensor | None = None    # float32 degrees, counter-clockwise as displayed
+    elastic: torch.Tensor | None = None  # bool: elastic warp applied
+    controls: torch.Tensor | None = None  # float32 (N, 2, g, g): control displacements, fractions of the side
     remap: torch.Tensor | None = None   # bool: intensity curve applied
     knots: torch.Tensor | None = None   # float32 (N, remap_points): curve values as fractions of the range
     organ_contrast: torch.Tensor | None = None   # bool: organ levels applied
@@ -236,7 +246,8 @@ class BatchAugment:
     article's order. Symmetry and zoom become one source-pixel index per output pixel and sample: the mask (and
     every unzoomed image) is one gather; zoomed images blend four gathers bilinearly at the same positions the mask
     samples (nearest). One host sync per batch (which samples are zoomed); no Python loop over samples. A small
-    rotation, when asked for, resamples the drawn samples once more (``grid_sample``; a second host sync).
+    rotation and an elastic warp, when asked for, each resample their drawn samples once more (``grid_sample``; one
+    more host sync each).
     """
 
     def __init__(self, cfg: AugmentConfig):
@@ -270,6 +281,11 @@ class BatchAugment:
         if self.cfg.rotate > 0:
             r = torch.rand((n, 2), generator=generator, device=device)
             params.rotate, params.angle = r[:, 0] < self.cfg.rotate, (2 * r[:, 1] - 1) * self.cfg.rotate_limit
+        if self.cfg.elastic > 0:
+            g = self.cfg.elastic_grid
+            params.elastic = torch.rand((n,), generator=generator, device=device) < self.cfg.elastic
+            params.controls = draw_controls(torch.randn((n, 2, g, g), generator=generator, device=device),
+                                            self.cfg.elastic_std)
         if self.cfg.remap > 0:
             r = torch.rand((n, 1 + self.cfg.remap_points), generator=generator, device=device)
             params.remap, params.knots = r[:, 0] < self.cfg.remap, r[:, 1:]
@@ -307,6 +323,8 @@ class BatchAugment:
             image, mask = resample(image, mask, t, r, c, flag, params.zoom, self.workspace)
         if cfg.rotate > 0 and params.rotate is not None:
             image, mask = apply_rotation(image, mask, params.rotate, params.angle)
+        if cfg.elastic > 0 and params.elastic is not None:
+            image, mask = apply_elastic(image, mask, params.elastic, params.controls)
         if cfg.brightness_contrast > 0:
             image = apply_intensity(image, params.brightness_contrast, params.contrast, params.brightness,
                                     in_place=symmetric or cfg.scale > 0)   # resample's output is ours

@@ -17,7 +17,8 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 import torch
-import torch.nn.functional as F
+
+from dlseg.resample import warp_samples
 
 MAX_DEGREES = 90.0   # the largest rotate_limit accepted: beyond a right angle it is no longer a small rotation
 # how every geometric step of the per-sample path resamples (the zoom too): image bilinear, mask nearest, edges kept
@@ -30,8 +31,8 @@ def rotation_step(limit: float, p: float) -> A.Affine:
     return A.Affine(rotate=(-limit, limit), **AFFINE_RESAMPLING, p=p)
 
 
-def rotation_grid(angles_deg: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(N, H, W, 2) ``grid_sample`` positions turning each sample's content by its angle (degrees, see the module)."""
+def rotation_positions(angles_deg: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H, W) x and y pixel positions each output pixel reads to turn the content by its angle (see the module)."""
     a = torch.deg2rad(angles_deg.float())
     cos, sin = torch.cos(a), torch.sin(a)
     # output pixel (x, y) about the centre reads the input at R(-angle)·(x, y); rows point down, so the displayed
@@ -41,12 +42,7 @@ def rotation_grid(angles_deg: torch.Tensor, height: int, width: int) -> torch.Te
     xs = torch.arange(width, device=a.device, dtype=torch.float32) - sx
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     c, s = cos.view(-1, 1, 1), sin.view(-1, 1, 1)
-    src_x = c * xx - s * yy + sx
-    src_y = s * xx + c * yy + sy
-    # grid_sample with align_corners=True maps -1 / +1 to the centres of the first / last pixels
-    gx = src_x * (2 / max(width - 1, 1)) - 1
-    gy = src_y * (2 / max(height - 1, 1)) - 1
-    return torch.stack([gx, gy], dim=-1)
+    return c * xx - s * yy + sx, s * xx + c * yy + sy
 
 
 def apply_rotation(image: torch.Tensor, mask: torch.Tensor, flag: torch.Tensor,
@@ -55,12 +51,5 @@ def apply_rotation(image: torch.Tensor, mask: torch.Tensor, flag: torch.Tensor,
     idx = torch.nonzero(flag).flatten()   # one host sync; rotating only the drawn samples halves the work at p = ½
     if idx.numel() == 0:
         return image, mask
-    h, w = image.shape[-2:]
-    grid = rotation_grid(angles_deg[idx], h, w).to(image.device)
-    turned = F.grid_sample(image[idx].float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
-    labels = F.grid_sample(mask[idx].unsqueeze(1).float(), grid, mode="nearest", padding_mode="border",
-                           align_corners=True)
-    image, mask = image.clone(), mask.clone()
-    image[idx] = turned.to(image.dtype)
-    mask[idx] = labels.squeeze(1).round().to(mask.dtype)
-    return image, mask
+    x, y = rotation_positions(angles_deg[idx], *image.shape[-2:])
+    return warp_samples(image, mask, idx, x, y)

@@ -2,12 +2,14 @@
 
 The batch augmentation (``dlseg.augment.BatchAugment``) decides what to do to each sample; this module moves the
 pixels: each output pixel reads one source pixel (symmetries, and the mask's nearest-neighbour zoom) or a bilinear
-blend (the image's zoom), so image and mask stay aligned exactly.
+blend (the image's zoom), so image and mask stay aligned exactly. Free-form warps (small rotations, elastic
+deformations) read image and mask at the same positions with :func:`warp_samples`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def zoom_positions(zoom: torch.Tensor, size: int) -> torch.Tensor:
@@ -122,3 +124,20 @@ def resample(image: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, r: torch.
     out_mask = mask.reshape(n, -1).gather(1, index).view_as(mask)
     index = source_index(t, a, b, index, work)
     return gather_pixels(source.reshape(n, ch, -1), index).view_as(image), out_mask
+
+
+def warp_samples(image: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, x: torch.Tensor,
+                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples ``idx`` of (N,C,H,W) image and (N,H,W) mask read at pixel positions ``x``, ``y`` (M,H,W), pixel
+    centres at integers: image bilinear, mask nearest, edges replicated (``grid_sample``, ``align_corners=True``,
+    ``padding_mode="border"``, which is cv2's BORDER_REPLICATE); the other samples unchanged. Fresh tensors."""
+    h, w = image.shape[-2:]
+    # align_corners=True maps -1 / +1 to the centres of the first / last pixels
+    grid = torch.stack([x * (2 / max(w - 1, 1)) - 1, y * (2 / max(h - 1, 1)) - 1], dim=-1).to(image.device)
+    warped = F.grid_sample(image[idx].float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    labels = F.grid_sample(mask[idx].unsqueeze(1).float(), grid, mode="nearest", padding_mode="border",
+                           align_corners=True)
+    image, mask = image.clone(), mask.clone()
+    image[idx] = warped.to(image.dtype)
+    mask[idx] = labels.squeeze(1).round().to(mask.dtype)
+    return image, mask
