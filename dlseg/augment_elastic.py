@@ -78,7 +78,8 @@ class ElasticWarp(A.DualTransform):
         if controls is None:
             return img
         x, y = source_positions(torch.from_numpy(controls)[None], img.shape[0], img.shape[1])
-        return cv2.remap(img, x[0].numpy(), y[0].numpy(), interpolation, borderMode=cv2.BORDER_REPLICATE)
+        out = cv2.remap(img, x[0].numpy(), y[0].numpy(), interpolation, borderMode=cv2.BORDER_REPLICATE)
+        return out.reshape(img.shape)   # cv2 drops a single channel's axis
 
     def apply(self, img: np.ndarray, controls: np.ndarray | None = None, **params: Any) -> np.ndarray:
         """The warped image, bilinear."""

@@ -71,6 +71,14 @@ def test_the_two_paths_warp_alike():
     np.testing.assert_allclose(ci[..., 1], ci[..., 0] * 0.5, atol=1e-5)
 
 
+def test_a_single_channel_axis_is_kept():
+    img, mask = phantom()
+    controls = np.full((2, 3, 3), 0.01, np.float32)
+    out = cpu_path(img[..., None], mask, controls)[0]
+    assert out.shape == (SIZE, SIZE, 1)
+    np.testing.assert_array_equal(out[..., 0], cpu_path(img, mask, controls)[0])
+
+
 def test_the_field_is_smooth_and_its_control_points_move_by_their_draws():
     controls = torch.from_numpy((np.random.default_rng(0).standard_normal((1, 2, 3, 3)) * 0.05).astype(np.float32))
     d = displacement(controls, SIZE, SIZE)[0]
