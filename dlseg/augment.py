@@ -42,7 +42,7 @@ from dlseg.augment_organs import (
 from dlseg.augment_remap import IntensityRemap, apply_remap
 from dlseg.augment_rotate import AFFINE_RESAMPLING, MAX_DEGREES, apply_rotation, rotation_step
 from dlseg.config import option
-from dlseg.resample import Workspace, resample
+from dlseg.resample import Workspace, compose_dihedral, resample
 
 
 @dataclass
@@ -316,7 +316,8 @@ class BatchAugment:
         cfg = self.cfg
         symmetric = cfg.hflip > 0 or cfg.vflip > 0 or cfg.transpose > 0 or cfg.rotate90 > 0
         if symmetric or cfg.scale > 0:
-            t, r, c = compose_dihedral(params)
+            t, r, c = compose_dihedral(params.hflip, params.vflip, params.transpose, params.rotate90,
+                                       params.quarter_turns)
             if not (cfg.transpose > 0 or cfg.rotate90 > 0):
                 t = torch.zeros_like(t)
             flag = params.scale if cfg.scale > 0 else torch.zeros_like(params.scale)
@@ -349,51 +350,6 @@ def check_batch(image: torch.Tensor, mask: torch.Tensor, square: bool) -> None:
     if square and image.shape[-2] != image.shape[-1]:
         raise ValueError(f"transpose/rotate90 need square slices, got {image.shape[-2]}x{image.shape[-1]} "
                          f"(set augment.transpose and augment.rotate90 to 0 for non-square inputs)")
-
-
-def _compose_dihedral_rules(hflip: torch.Tensor, vflip: torch.Tensor, transpose: torch.Tensor, rotate90: torch.Tensor,
-                            quarter_turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (transpose, flip rows, flip columns) equal to hflip → vflip → transpose → rot90^k.
-
-    Normal form x ↦ Fc^c Fr^r T^t x. Rules: Fc·form: c ^= 1; Fr·form: r ^= 1; T·form: t ^= 1 and swap (r, c)
-    (T Fc = Fr T); one quarter turn R = Fr T; a half turn R² = Fr Fc commutes with everything.
-    """
-    t = transpose.clone()
-    r = vflip.clone()
-    c = hflip.clone()
-    r, c = torch.where(t, c, r), torch.where(t, r, c)
-    k = torch.where(rotate90, quarter_turns, torch.zeros_like(quarter_turns))
-    odd, half = (k % 2) == 1, k >= 2
-    t = t ^ odd
-    r, c = torch.where(odd, c, r), torch.where(odd, r, c)
-    r = r ^ odd ^ half
-    c = c ^ half
-    return t, r, c
-
-
-def _dihedral_table() -> torch.Tensor:
-    """(32, 3) bool: (t, r, c) for every combination ``h + 2v + 4t + 8k`` of the draws (k = 0 when not rotated)."""
-    i = torch.arange(32)
-    t, r, c = _compose_dihedral_rules((i & 1) > 0, (i & 2) > 0, (i & 4) > 0, torch.ones(32, dtype=torch.bool),
-                                      i >> 3)
-    return torch.stack([t, r, c], dim=1)
-
-
-_DIHEDRAL = {"cpu": _dihedral_table()}   # by device
-
-
-def compose_dihedral(p: AugmentParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (transpose, flip rows, flip columns) equal to hflip → vflip → transpose → rot90^k.
-
-    A lookup in the 32-entry table the composition rules (:func:`_compose_dihedral_rules`) give: three tensor
-    ops per batch instead of thirty.
-    """
-    k = torch.where(p.rotate90, p.quarter_turns, 0)
-    code = p.hflip.long() + 2 * p.vflip.long() + 4 * p.transpose.long() + 8 * k
-    key = str(code.device)
-    if key not in _DIHEDRAL:
-        _DIHEDRAL[key] = _DIHEDRAL["cpu"].to(code.device)
-    return _DIHEDRAL[key][code].unbind(1)
 
 
 def apply_intensity(image: torch.Tensor, flag: torch.Tensor, contrast: torch.Tensor,

@@ -44,6 +44,53 @@ def source_index(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, out: t
     return out.copy_(work.view_as(out))
 
 
+def _compose_dihedral_rules(hflip: torch.Tensor, vflip: torch.Tensor, transpose: torch.Tensor, rotate90: torch.Tensor,
+                            quarter_turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (transpose, flip rows, flip columns) equal to hflip → vflip → transpose → rot90^k.
+
+    Normal form x ↦ Fc^c Fr^r T^t x. Rules: Fc·form: c ^= 1; Fr·form: r ^= 1; T·form: t ^= 1 and swap (r, c)
+    (T Fc = Fr T); one quarter turn R = Fr T; a half turn R² = Fr Fc commutes with everything.
+    """
+    t = transpose.clone()
+    r = vflip.clone()
+    c = hflip.clone()
+    r, c = torch.where(t, c, r), torch.where(t, r, c)
+    k = torch.where(rotate90, quarter_turns, torch.zeros_like(quarter_turns))
+    odd, half = (k % 2) == 1, k >= 2
+    t = t ^ odd
+    r, c = torch.where(odd, c, r), torch.where(odd, r, c)
+    r = r ^ odd ^ half
+    c = c ^ half
+    return t, r, c
+
+
+def _dihedral_table() -> torch.Tensor:
+    """(32, 3) bool: (t, r, c) for every combination ``h + 2v + 4t + 8k`` of the draws (k = 0 when not rotated)."""
+    i = torch.arange(32)
+    t, r, c = _compose_dihedral_rules((i & 1) > 0, (i & 2) > 0, (i & 4) > 0, torch.ones(32, dtype=torch.bool),
+                                      i >> 3)
+    return torch.stack([t, r, c], dim=1)
+
+
+_DIHEDRAL = {"cpu": _dihedral_table()}   # by device
+
+
+def compose_dihedral(hflip: torch.Tensor, vflip: torch.Tensor, transpose: torch.Tensor, rotate90: torch.Tensor,
+                     quarter_turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (transpose, flip rows, flip columns) equal to hflip → vflip → transpose → rot90^k (per-sample
+    bool draws; ``quarter_turns`` k in 0..3 counts where ``rotate90``).
+
+    A lookup in the 32-entry table the composition rules (:func:`_compose_dihedral_rules`) give: three tensor
+    ops per batch instead of thirty.
+    """
+    k = torch.where(rotate90, quarter_turns, 0)
+    code = hflip.long() + 2 * vflip.long() + 4 * transpose.long() + 8 * k
+    key = str(code.device)
+    if key not in _DIHEDRAL:
+        _DIHEDRAL[key] = _DIHEDRAL["cpu"].to(code.device)
+    return _DIHEDRAL[key][code].unbind(1)
+
+
 class Workspace:
     """Buffers reused between batches: on a CPU, fresh multi-MB tensors cost more (page faults) than the work."""
 
