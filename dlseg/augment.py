@@ -107,12 +107,19 @@ def for_store_labels(cfg: AugmentConfig, label_names: list[str]) -> AugmentConfi
     return replace(cfg, organ_labels=resolve_organ_labels(cfg.organ_labels, label_names))
 
 
-GEOMETRIC_KEYS = ("hflip", "vflip", "transpose", "rotate90")
+GEOMETRIC_KEYS = ("hflip", "vflip", "transpose", "rotate90", "rotate", "scale")
+LIMIT_KEYS = {"rotate": "rotate_limit", "scale": "scale_limit"}   # small transforms: drawn within a limit
 
 
 def invariances(cfg: AugmentConfig) -> list[str]:
     """The geometric transforms training drew (probability > 0): what test-time augmentation may average over."""
-    return [key for key in GEOMETRIC_KEYS if cfg.enabled and getattr(cfg, key) > 0]
+    return [key for key in GEOMETRIC_KEYS
+            if cfg.enabled and getattr(cfg, key) > 0 and getattr(cfg, LIMIT_KEYS.get(key, key)) > 0]
+
+
+def invariance_limits(cfg: AugmentConfig) -> dict[str, float]:
+    """The limits the small transforms among :func:`invariances` were drawn within (degrees; zoom fraction)."""
+    return {key: float(getattr(cfg, LIMIT_KEYS[key])) for key in invariances(cfg) if key in LIMIT_KEYS}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ once, so the per-case table pools all labeled patients) and gives the Dice per c
 mean ± sd over cases; ``--ensemble CV_DIR`` (other folders trained on the same folds, e.g. other seeds) adds the
 per-fold ensembles' pooled Dice beside the single models'; ``--keep-largest`` scores with prediction's
 largest-component filter, into ``cv_report-largest.*`` beside the plain report, so the two can be compared before
-choosing ``--keep_largest`` for prediction. Written atomically to ``<out>/cv_report.json`` and ``cv_report.md``. To predict with all
+choosing ``--keep_largest`` for prediction; ``--tta`` likewise scores with test-time augmentation
+(``cv_report-tta.*``). Written atomically to ``<out>/cv_report.json`` and ``cv_report.md``. To predict with all
 the fold models at once: ``dlseg/predict.py --model <out>/fold-0 --model <out>/fold-1 …`` (an ensemble).
 """
 
@@ -67,11 +68,13 @@ class CVConfig:
                                        metavar="CV_DIR")
     keep_largest: bool = option("score with the largest-component filter of dlseg/predict.py --keep_largest "
                                 "(to decide by cross-validation whether to use it)", False)
+    tta: bool = option("score with dlseg/predict.py's test-time augmentation over the transforms the models were "
+                       "trained with (to decide by cross-validation whether to use --tta)", False)
 
 
 def report_name(cfg: CVConfig) -> str:
-    """``cv_report``, or ``cv_report-largest`` when scored with the largest-component filter (both can coexist)."""
-    return f"{REPORT}-largest" if cfg.keep_largest else REPORT
+    """``cv_report``; ``-largest`` and ``-tta`` added when scored with those options (all can coexist)."""
+    return REPORT + ("-largest" if cfg.keep_largest else "") + ("-tta" if cfg.tta else "")
 
 
 def split_name(cfg: CVConfig, seed: int, fold: int, side: str) -> str:
@@ -137,7 +140,7 @@ def fold_models(cfg: CVConfig, fold: int) -> list[Path]:
 def fold_rows(cfg: CVConfig, seed: int, fold: int, store: Store, models: list[Path], progress,
               task) -> list[dict[str, Any]]:
     """Dice per class of each held-out case of one fold, from ``models`` (several: their ensemble)."""
-    pred = load_predictor(models, keep_largest=cfg.keep_largest)
+    pred = load_predictor(models, keep_largest=cfg.keep_largest, tta=cfg.tta)   # ModelError: TTA refused
     names = pred.meta.get("class_names") or [store.label_map[k] for k in sorted(store.label_map, key=int)][1:]
     rows = []
     for case in store.split_cases(split_name(cfg, seed, fold, "val")):
@@ -178,7 +181,8 @@ def build_report(cfg: CVConfig, seed: int) -> dict[str, Any]:
             rows += fold
             if cfg.ensemble:
                 ens_rows += fold_rows(cfg, seed, i, store, models, progress, task)
-    doc = {"store": str(cfg.store), "folds": cfg.folds, "seed": seed, "keep_largest": cfg.keep_largest,
+    tta = load_predictor(fold_models(cfg, 0)[:1], tta=True).tta_text() if cfg.tta else None
+    doc = {"store": str(cfg.store), "folds": cfg.folds, "seed": seed, "keep_largest": cfg.keep_largest, "tta": tta,
            "classes": list(rows[0]["dice"]),
            "pooled": summarize(rows), "per_fold": per_fold, "per_case": rows}
     if cfg.ensemble:
@@ -194,7 +198,8 @@ def markdown(doc: dict[str, Any]) -> str:
     selected = {f.get("model_selected", "best") for f in doc["per_fold"]}
     lines = [f"# Cross-validated Dice ({doc['folds']} folds drawn with seed {doc['seed']}, {len(doc['per_case'])} cases)\n",
              "Each fold's model on its own held-out patients, original geometry"
-             + (", largest connected component per class" if doc.get("keep_largest") else "") + "; "
+             + (", largest connected component per class" if doc.get("keep_largest") else "")
+             + (f", test-time augmentation ({doc['tta']})" if doc.get("tta") else "") + "; "
              + ("the final epoch's model" if selected == {"last"} else "the epoch with the best Dice on those "
                 "held-out patients (an optimistic choice; train with --export_model last)") + ".\n", head + f"| pooled | {pm} |"]
     for f in doc["per_fold"]:

@@ -21,7 +21,7 @@ from accelerate.utils import broadcast, set_seed
 
 from dlseg import checkpoint as ckpt
 from dlseg import curves, runstart
-from dlseg.augment import BatchAugment, SampleTransform, for_store_labels, invariances
+from dlseg.augment import BatchAugment, SampleTransform, for_store_labels, invariance_limits, invariances
 from dlseg.config import save_yaml, to_dict
 from dlseg.console import console, make_progress
 from dlseg.data import build_train_loader, build_val_loader, norm_config
@@ -376,6 +376,7 @@ class Trainer:
             "threshold": THRESHOLD, "channels_last": self.cfg.model.channels_last, "epoch": epoch + 1,
             "val_dice": val_dice, "selected": self.cfg.export_model, "store_fingerprint": self.task.fingerprint,
             "class_names": self.task.label_names, "invariances": invariances(self.cfg.augment),
+            "invariance_limits": invariance_limits(self.cfg.augment),
         }
 
     def _write_debug(self, epoch: int) -> None:

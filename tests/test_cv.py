@@ -113,6 +113,32 @@ def test_two_fold_cv_trains_and_reports_per_organ(tiny_store, tmp_path):
     assert "largest connected component" in (out / "cv_report-largest.md").read_text()
 
 
+def test_cv_report_with_tta_scores_as_predict_does(tiny_store, tmp_path, capsys):
+    out = tmp_path / "cv"
+    train = [*TINY_RUN, "--loader.workers", "0", "--epochs", "4", "--optim.lr", "1e-2", "--augment.enabled", "false",
+             "--keep_last", "1"]
+    assert cv.main(["--store", str(tiny_store), "--out", str(out), "--folds", "2", *train]) == 0
+    capsys.readouterr()
+    # trained without any geometric augmentation: refused in one line, as dlseg/predict.py --tta refuses it
+    assert cv.main(["--store", str(tiny_store), "--out", str(out), "--folds", "2", "--report", "--tta"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tta refused" in err and len(err.splitlines()) == 1 and not (out / "cv_report-tta.json").exists()
+    for i in range(2):          # as if trained with zooms: the report's TTA must be prediction's
+        meta_path = out / f"fold-{i}" / "model" / "model.json"
+        meta = json.loads(meta_path.read_text())
+        meta_path.write_text(json.dumps({**meta, "invariances": ["scale"], "invariance_limits": {"scale": 0.3}}))
+    assert cv.main(["--store", str(tiny_store), "--out", str(out), "--folds", "2", "--report", "--tta"]) == 0
+    doc = json.loads((out / "cv_report-tta.json").read_text())
+    assert doc["tta"].startswith("TTA: zoom ×0.85/×1.15 (3 views") and (out / "cv_report.json").exists()
+    store = Store(tiny_store)
+    for r in doc["per_case"]:
+        labels = Predictor.load(out / f"fold-{r['fold']}", tta=True).predict_volume(
+            *(store.read_case(r["case"], mask=False)[0], store.info(r["case"]).attrs["stats"]))[0]
+        truth = store.read_case(r["case"])[1]
+        assert r["dice"]["liver"] == pytest.approx(dice(labels == 1, truth == 1))
+    assert "test-time augmentation (TTA: zoom" in (out / "cv_report-tta.md").read_text()
+
+
 def test_unusable_cv_arguments_exit_2(tiny_store, tmp_path, capsys):
     assert cv.main(["--store", str(tiny_store), "--out", str(tmp_path), "--folds", "1"]) == 2
     assert cv.main(["--store", str(tiny_store), "--out", str(tmp_path), "--folds", "9", "--prepare"]) == 2

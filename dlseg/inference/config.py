@@ -46,8 +46,8 @@ class PredictConfig:
     prefetch: int = option("cases each worker prepares ahead", 2)
     write_threads: int = option("background writer threads (inverse resize, threshold, PNG encode)", 4)
     max_pending_writes: int = option("cases queued for the writers before compute pauses", 4)
-    tta: bool = option("test-time augmentation: mean over the flips/rotations the model was trained with (refused "
-                       "for a model trained with none)", False)
+    tta: bool = option("test-time augmentation: mean over the flips, turns and zooms the model was trained with "
+                       "(refused for a model trained with none)", False)
     keep_largest: bool = option("keep the largest 3D connected component (per class)", False)
     threshold: float | None = option("binary models: probability threshold", None, default_help="the model's")
     formats: tuple[str, ...] = option(f"comma list of {', '.join(FORMATS)}", ("png",), flag="--format")

@@ -83,7 +83,9 @@ class Predictor:
 
     def tta_text(self) -> str:
         """Which views ``--tta`` averages (one line)."""
-        return describe(self.meta.get("invariances", []), self.views) if self.tta else "TTA: off"
+        if not self.tta:
+            return "TTA: off"
+        return describe(self.meta.get("invariances", []), self.views, self.meta.get("invariance_limits"))
 
     def _autocast(self):
         """Autocast context for the configured precision (a no-op for ``no``)."""
@@ -98,16 +100,23 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, S, S) inputs → (B, K, S, S) float32 probabilities on the device (mean over the TTA views)."""
+        """(B, C, S, S) inputs → (B, K, S, S) float32 probabilities on the device (mean over the TTA views).
+
+        Each pixel's mean is over the views that saw it (a turned or zoomed view misses the canvas's corners).
+        """
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        total = None
+        total, weight = None, 0.0
         with self._autocast():
             for view in self.views:
                 p = view.inverse(self._activate(self.model(view.forward(x))))
+                seen = view.coverage(p)              # None: the view saw every pixel
+                if seen is not None:
+                    p = p * seen
                 total = p if total is None else total + p
-        return total / len(self.views)
+                weight = weight + (1.0 if seen is None else seen)
+        return total / weight
 
     def classify(self, probs: np.ndarray) -> np.ndarray:
         """(…, K, H, W) probabilities → (…, H, W) uint8 labels: threshold for one class, argmax otherwise."""
