@@ -41,6 +41,7 @@ from dlseg.errors import UsageError
 from dlseg.export import read_meta
 from dlseg.fileio import atomic_write
 from dlseg.inference.ensemble import load_predictor
+from dlseg.inference.tta import tta_text
 from dlseg.locks import FolderLock
 from dlseg.metrics import dice
 from dlseg.preprocessing.split import SplitConfig, split_patients
@@ -181,7 +182,7 @@ def build_report(cfg: CVConfig, seed: int) -> dict[str, Any]:
             rows += fold
             if cfg.ensemble:
                 ens_rows += fold_rows(cfg, seed, i, store, models, progress, task)
-    tta = load_predictor(fold_models(cfg, 0)[:1], tta=True).tta_text() if cfg.tta else None
+    tta = tta_text(read_meta(fold_models(cfg, 0)[0])) if cfg.tta else None
     doc = {"store": str(cfg.store), "folds": cfg.folds, "seed": seed, "keep_largest": cfg.keep_largest, "tta": tta,
            "classes": list(rows[0]["dice"]),
            "pooled": summarize(rows), "per_fold": per_fold, "per_case": rows}

@@ -167,6 +167,11 @@ def tta_views(meta: dict[str, Any], where: str = "model.json") -> list[View | Af
     return views_for(inv, _checked_limits(meta, inv, where))
 
 
+def tta_text(meta: dict[str, Any], where: str = "model.json") -> str:
+    """The line ``--tta`` prints for a model, from its ``model.json`` alone (ModelError when TTA is refused)."""
+    return describe(meta["invariances"], tta_views(meta, where), meta.get("invariance_limits"))
+
+
 def describe(invariances: list[str], views: list[View | AffineView], limits: dict[str, float] | None = None) -> str:
     """``TTA: hflip, vflip (4 views, …)``; small transforms with their views, e.g. ``rotate ±7.5°``."""
     limits = limits or {}
